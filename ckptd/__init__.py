@@ -1,0 +1,3 @@
+"""ckptd: checkpoint-management daemon for deep-learning training runs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,120 @@
+"""Best-checkpoint selection, identical to MMEngine's ``CheckpointHook(save_best=...)``.
+
+Pure functions over evaluation records; no I/O. The one deliberate difference: MMEngine would
+accept ``inf`` as a best score, ckptd never lets a non-finite value become best.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ckptd.config import BestConfig
+from ckptd.model import Best, EvalRecord, Problem
+
+# mmengine/hooks/checkpoint_hook.py: CheckpointHook._default_greater_keys / _default_less_keys
+GREATER_KEYS = ("acc", "top", "AR@", "auc", "precision", "mAP", "mDice", "mIoU", "mAcc", "aAcc")
+LESS_KEYS = ("loss",)
+
+
+class BestMetricError(ValueError):
+    pass
+
+
+def infer_rule(key: str) -> str:
+    """MMEngine's order: exact greater, exact less, substring greater, substring less, error."""
+    lowered = key.lower()
+    greater = [k.lower() for k in GREATER_KEYS]
+    less = [k.lower() for k in LESS_KEYS]
+    if lowered in greater:
+        return "greater"
+    if lowered in less:
+        return "less"
+    if any(k in lowered for k in greater):
+        return "greater"
+    if any(k in lowered for k in less):
+        return "less"
+    raise BestMetricError(
+        f"cannot tell whether a higher or lower {key!r} is better (it contains none of "
+        f"{', '.join(GREATER_KEYS)} or {', '.join(LESS_KEYS)}); set best.rule: greater or less"
+    )
+
+
+def supersede_resumed(records: Sequence[EvalRecord]) -> list[EvalRecord]:
+    """Records in trainer order, where a step that goes backwards replaces what came after it.
+
+    A run resumed from an earlier checkpoint repeats epochs; the repeated epochs overwrite the
+    checkpoint files, so the earlier records of those epochs no longer describe anything on disk.
+    """
+    kept: list[EvalRecord] = []
+    for record in records:
+        while kept and kept[-1].index >= record.index:
+            kept.pop()
+        kept.append(record)
+    return kept
+
+
+@dataclass(frozen=True, slots=True)
+class MetricChoice:
+    key: str
+    rule: str
+
+
+def resolve_metrics(
+    config: BestConfig, records: Sequence[EvalRecord]
+) -> tuple[list[MetricChoice], list[Problem]]:
+    """Which keys decide 'best', and by which rule. Empty until the first evaluation for 'auto'."""
+    if config.metric == "auto":
+        if not records:
+            return [], []
+        first = records[0]
+        if not first.metrics:
+            where = f"{first.source}:{first.line}"
+            return [], [Problem(where, "the first evaluation record has no numeric metric")]
+        keys = [next(iter(first.metrics))]
+    else:
+        keys = list(config.metric)
+    choices: list[MetricChoice] = []
+    problems: list[Problem] = []
+    for i, key in enumerate(keys):
+        rule = config.rule_for(i)
+        if rule == "auto":
+            try:
+                rule = infer_rule(key)
+            except BestMetricError as exc:
+                problems.append(Problem(f"best.metric {key!r}", str(exc)))
+                continue
+        choices.append(MetricChoice(key, rule))
+    return choices, problems
+
+
+def _better(rule: str, value: float, than: float | None) -> bool:
+    if not math.isfinite(value):
+        return False
+    if than is None:
+        return True
+    return value > than if rule == "greater" else value < than
+
+
+def select_best(
+    records: Sequence[EvalRecord], choice: MetricChoice
+) -> tuple[Best | None, list[Problem]]:
+    """Fold over records in order with strict improvement: the earliest of equal scores wins."""
+    best: Best | None = None
+    problems: list[Problem] = []
+    for record in records:
+        if choice.key not in record.metrics:
+            present = ", ".join(record.metrics) or "none"
+            problems.append(
+                Problem(
+                    f"{record.source}:{record.line}",
+                    f"evaluation of {record.index} has no metric {choice.key!r} "
+                    f"(numeric keys present: {present}); fix best.metric in the config",
+                )
+            )
+            continue
+        value = record.metrics[choice.key]
+        if _better(choice.rule, value, best.value if best else None):
+            best = Best(choice.key, choice.rule, value, record.index, record.source, record.line)
+    return best, problems

@@ -1,0 +1,210 @@
+"""``ckptd run | once | status | slim | check | demo``.
+
+Heavy modules (pydantic, watchdog, torch) are imported inside the commands that need them, so
+``ckptd --help`` and ``ckptd slim`` start fast. Exit codes: 0 ok, 1 a work_dir had errors (the
+others were still processed), 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
+DEFAULT_CONFIGS = (Path("ckptd.yaml"), Path("/etc/ckptd/ckptd.yaml"))
+
+
+def _default_config() -> Path:
+    env = os.environ.get("CKPTD_CONFIG")
+    if env:
+        return Path(env)
+    return next((p for p in DEFAULT_CONFIGS if p.exists()), DEFAULT_CONFIGS[0])
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
+        help="config file (default: $CKPTD_CONFIG, ./ckptd.yaml, /etc/ckptd/ckptd.yaml)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ckptd",
+        description="Checkpoint-management daemon: retention and slim best artifacts for "
+        "training work_dirs, from outside the trainer.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = sub.add_parser("check", help="validate the config and print it with defaults")
+    _add_config(check)
+
+    once = sub.add_parser("once", help="one reconcile pass over every work_dir, then exit")
+    _add_config(once)
+    once.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    once.add_argument("--json", action="store_true", help="print JSON instead of a listing")
+
+    status = sub.add_parser("status", help="best, artifact, checkpoints and why they are kept")
+    _add_config(status)
+    status.add_argument("--json", action="store_true")
+
+    slim = sub.add_parser("slim", help="write a slim copy of one checkpoint (meta + state_dict)")
+    slim.add_argument("checkpoint", type=Path)
+    slim.add_argument("-o", "--output", type=Path, help="output file or folder")
+    slim.add_argument(
+        "--keep-keys", default="meta,state_dict", help="comma-separated top-level keys to keep"
+    )
+    slim.add_argument(
+        "--hash-in-name", action="store_true", help="append -<sha256[:8]> like publish_model.py"
+    )
+    return parser
+
+
+def _version() -> str:
+    from ckptd import __version__
+
+    return __version__
+
+
+def _load(args: argparse.Namespace):  # -> LoadedConfig
+    from ckptd.config import load_config
+
+    return load_config(args.config or _default_config())
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from ckptd.config import effective_config_yaml
+
+    loaded = _load(args)
+    print(f"# {loaded.path}: valid. Effective configuration (defaults filled in):")
+    print(effective_config_yaml(loaded), end="")
+    return EXIT_OK
+
+
+def _pass(args: argparse.Namespace, dry_run: bool) -> tuple[list, list[str]]:
+    from ckptd.reconcile import PassOptions, reconcile
+    from ckptd.targets import discover
+
+    loaded = _load(args)
+    found = discover(loaded)
+    options = PassOptions(settle=loaded.config.watch.settle, dry_run=dry_run)
+    reports = [reconcile(target, options) for target in found.targets]
+    return reports, found.notes
+
+
+def cmd_once(args: argparse.Namespace) -> int:
+    from ckptd.report import format_report, report_json
+    from ckptd.units import format_size
+
+    reports, notes = _pass(args, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps({"notes": notes, "work_dirs": [report_json(r) for r in reports]}))
+    else:
+        for note in notes:
+            print(f"note: {note}")
+        for report in reports:
+            print(format_report(report))
+        reclaimed = sum(r.reclaimed_bytes for r in reports)
+        failed = sum(r.failed for r in reports)
+        print(
+            f"{len(reports)} work_dir(s), {failed} with errors, reclaimed {format_size(reclaimed)}"
+            + (" (dry run: nothing changed)" if args.dry_run else "")
+        )
+    return EXIT_ERRORS if any(r.failed for r in reports) else EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ckptd.report import format_report, report_json
+
+    reports, notes = _pass(args, dry_run=True)
+    if args.json:
+        print(json.dumps({"notes": notes, "work_dirs": [report_json(r) for r in reports]}))
+    else:
+        for note in notes:
+            print(f"note: {note}")
+        for report in reports:
+            print(format_report(report))
+    return EXIT_ERRORS if any(r.failed for r in reports) else EXIT_OK
+
+
+def _slim_destination(args: argparse.Namespace) -> tuple[Path, str]:
+    source: Path = args.checkpoint
+    default_name = f"{source.stem}_slim.pth"
+    out: Path | None = args.output
+    if out is None:
+        return source.parent, default_name
+    if out.is_dir() or str(out).endswith(os.sep):
+        return out, default_name
+    return out.parent, out.name
+
+
+def cmd_slim(args: argparse.Namespace) -> int:
+    from ckptd.progress import byte_progress
+    from ckptd.slim import SlimError, slim_checkpoint
+    from ckptd.units import format_size
+
+    keep = tuple(k.strip() for k in args.keep_keys.split(",") if k.strip())
+    if not keep:
+        print("ckptd slim: --keep-keys needs at least one key", file=sys.stderr)
+        return EXIT_USAGE
+    folder, name = _slim_destination(args)
+    stem = name.removesuffix(".pth")
+    final = (lambda sha: f"{stem}-{sha[:8]}.pth") if args.hash_in_name else name
+    try:
+        size = args.checkpoint.stat().st_size
+    except OSError as exc:
+        print(f"ckptd slim: {args.checkpoint}: {exc.strerror}", file=sys.stderr)
+        return EXIT_ERRORS
+    try:
+        with byte_progress(size, f"slim {args.checkpoint.name}") as progress:
+            result = slim_checkpoint(
+                args.checkpoint, folder, final, keep_keys=keep, progress=progress
+            )
+    except SlimError as exc:
+        print(f"ckptd slim: {exc}", file=sys.stderr)
+        return EXIT_ERRORS
+    except OSError as exc:
+        print(f"ckptd slim: {exc.filename or folder}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERRORS
+    print(
+        f"{result.path}  {format_size(result.size)} (from {format_size(size)})  "
+        f"sha256 {result.sha256}  kept {', '.join(result.kept_keys)}; dropped "
+        f"{', '.join(result.dropped_keys) or 'nothing'}  {result.seconds:.2f} s"
+    )
+    return EXIT_OK
+
+
+COMMANDS = {
+    "check": cmd_check,
+    "once": cmd_once,
+    "status": cmd_status,
+    "slim": cmd_slim,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ckptd.logs import setup_logging
+
+    setup_logging(args.log_format, args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from ckptd.config import ConfigError
+
+        if isinstance(exc, ConfigError):
+            print(f"ckptd: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise

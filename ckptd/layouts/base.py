@@ -1,0 +1,209 @@
+"""The interface every trainer layout implements, and the pieces layouts share.
+
+A layout knows a trainer's files: which entries are checkpoints and what they count, when a
+checkpoint is complete, what the trainer would resume from, where evaluation records are and
+how to read them incrementally, and how the best artifact is named. It never deletes or
+writes; the reconciler does that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ckptd.fsutil import FileStat
+from ckptd.logtail import Cursor, read_new_lines
+from ckptd.model import Checkpoint, EvalRecord, Problem, Skipped
+
+# Bigger than any resume pointer a trainer writes; a larger file is not one.
+MAX_POINTER_BYTES = 4096
+
+
+@dataclass(slots=True)
+class SourceState:
+    """What was consumed of one metric log, persisted between passes."""
+
+    cursor: Cursor = field(default_factory=Cursor)
+    records: list[EvalRecord] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cursor": self.cursor.to_json(),
+            "records": [[r.index, r.line, r.metrics] for r in self.records],
+            "problems": [[p.where, p.message, p.blocking] for p in self.problems],
+        }
+
+    @classmethod
+    def from_json(cls, source: str, data: dict[str, Any]) -> SourceState:
+        return cls(
+            cursor=Cursor.from_json(data.get("cursor", {})),
+            records=[
+                EvalRecord(int(i), {str(k): float(v) for k, v in m.items()}, source, int(line))
+                for i, line, m in data.get("records", [])
+            ],
+            problems=[Problem(str(w), str(m), bool(b)) for w, m, b in data.get("problems", [])],
+        )
+
+
+@dataclass(slots=True)
+class EvalRead:
+    records: list[EvalRecord]  # across all sources, in trainer order
+    sources: dict[str, SourceState]  # keyed by path relative to the work_dir
+    problems: list[Problem]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A directory entry that names a checkpoint; completeness is judged afterwards."""
+
+    name: str
+    unit: str
+    index: int
+    stat: FileStat
+
+    def as_checkpoint(self, complete: bool, reason: str = "") -> Checkpoint:
+        return Checkpoint(self.name, self.unit, self.index, self.stat, complete, reason)
+
+
+class Layout(ABC):
+    name: ClassVar[str]
+    default_keep_keys: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    @abstractmethod
+    def detect(cls, work_dir: Path) -> bool:
+        """Does this folder look like one of this trainer's work_dirs?"""
+
+    @abstractmethod
+    def list_checkpoints(self, work_dir: Path) -> tuple[list[Candidate], list[Skipped]]:
+        """Checkpoint entries (regular files or folders, never symlinks) and what was skipped."""
+
+    @abstractmethod
+    def format_check(self, path: Path) -> tuple[bool | None, str]:
+        """Is this checkpoint complete by its format? ``None``: the format cannot tell."""
+
+    @abstractmethod
+    def resume_target(self, work_dir: Path, names: set[str]) -> tuple[str | None, str]:
+        """The checkpoint name the trainer would resume from, and a note for the user."""
+
+    @abstractmethod
+    def read_evals(
+        self, work_dir: Path, previous: dict[str, SourceState], unit: str | None
+    ) -> EvalRead:
+        """Evaluation records, reading only what was appended since ``previous``."""
+
+    @abstractmethod
+    def artifact_name(self, key: str, checkpoint: Checkpoint) -> str:
+        """The best artifact's file name for metric ``key`` (MMEngine's naming where it has one)."""
+
+
+def lstat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def read_pointer_file(path: Path) -> tuple[str | None, str]:
+    """The text of a small resume-pointer file, or None and why it is not usable."""
+    st = lstat_or_none(path)
+    if st is None:
+        return None, ""
+    if not os.path.isfile(path) or os.path.islink(path):
+        return None, f"{path.name} is not a regular file; ignored"
+    if st.st_size > MAX_POINTER_BYTES:
+        return None, f"{path.name} is {st.st_size} bytes, too large to be a resume pointer"
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip(), ""
+    except OSError as exc:
+        raise PointerUnreadable(f"{path}: cannot read the resume pointer: {exc.strerror}") from exc
+
+
+class PointerUnreadable(OSError):
+    pass
+
+
+def match_pointer(
+    text: str, work_dir: Path, names: set[str], pointer: str
+) -> tuple[str | None, str]:
+    """Resolve a pointer by file name inside the work_dir.
+
+    The path may come from another mount namespace (a sidecar that mounts the volume
+    elsewhere), so only its last component is trusted, and only inside this work_dir.
+    """
+    base = os.path.basename(text.rstrip("/"))
+    if base in names:
+        if os.path.dirname(text) not in ("", str(work_dir)):
+            return base, f"{pointer} names {text}; matched {base} by file name in this work_dir"
+        return base, ""
+    return None, f"{pointer} names {text!r}, which is not a checkpoint in this work_dir"
+
+
+def tail_json_lines(
+    work_dir: Path,
+    sources: list[Path],
+    previous: dict[str, SourceState],
+    keep_line: Callable[[bytes], bool],
+    parse: Callable[[dict[str, Any], str, int], EvalRecord | None],
+) -> EvalRead:
+    """Shared reader for JSON-lines metric logs (MMEngine scalars.json, mmcv .log.json)."""
+    states: dict[str, SourceState] = {}
+    problems: list[Problem] = []
+    for path in sources:
+        rel = path.relative_to(work_dir).as_posix()
+        state = previous.get(rel, SourceState())
+        try:
+            tail = read_new_lines(path, state.cursor, keep_line)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            problems.append(Problem(rel, f"cannot read: {exc.strerror}"))
+            states[rel] = state
+            continue
+        if tail.restarted:
+            state = SourceState()
+        records = list(state.records)
+        found = list(state.problems)
+        for lineno, raw in tail.lines:
+            where = f"{rel}:{lineno}"
+            try:
+                data = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                found.append(Problem(where, f"not a JSON record ({exc}); fix or remove the line"))
+                continue
+            if not isinstance(data, dict):
+                found.append(Problem(where, "not a JSON object; fix or remove the line"))
+                continue
+            try:
+                record = parse(data, rel, lineno)
+            except ValueError as exc:
+                found.append(Problem(where, f"{exc}; fix or remove the line"))
+                continue
+            if record is not None:
+                records.append(record)
+        states[rel] = SourceState(tail.cursor, records, found)
+        problems.extend(found)
+    ordered = [r for rel in states for r in states[rel].records]
+    return EvalRead(ordered, states, problems)
+
+
+def _as_float(value: int | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float range: as good as infinite
+        return float("inf") if value > 0 else float("-inf")
+
+
+def numeric_metrics(data: dict[str, Any], ignore: frozenset[str]) -> dict[str, float]:
+    """Numbers only, in file order; strings such as ``bbox_mAP_copypaste`` are not metrics."""
+    return {
+        str(k): _as_float(v)
+        for k, v in data.items()
+        if k not in ignore and isinstance(v, int | float) and not isinstance(v, bool)
+    }

@@ -1,0 +1,121 @@
+"""MMEngine (and MMDetection 3.x / MMPretrain / MMSeg 1.x) work_dirs.
+
+Measured on MMEngine 0.10.7 (see DESIGN.md): ``epoch_N.pth`` / ``iter_N.pth`` written in place
+and non-atomically; ``last_checkpoint`` holds the absolute path of the newest checkpoint; per
+launch a ``<timestamp>/vis_data/scalars.json`` of JSON lines. Val lines carry no ``epoch`` or
+``iter`` key and their ``step`` is the epoch (by-epoch runs) or the iteration (iter-based runs
+with ``log_metric_by_epoch=False``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ckptd.fsutil import FileStat
+from ckptd.layouts.base import (
+    Candidate,
+    EvalRead,
+    Layout,
+    SourceState,
+    match_pointer,
+    numeric_metrics,
+    read_pointer_file,
+    tail_json_lines,
+)
+from ckptd.model import Checkpoint, EvalRecord, Skipped
+
+CHECKPOINT_NAME = re.compile(r"(epoch|iter)_(\d+)\.pth")
+POINTER = "last_checkpoint"
+# Added by MMEngine's LoggerHook/LogProcessor to every val line; not evaluation metrics.
+NOT_METRICS = frozenset({"step", "data_time", "time"})
+# Train lines always carry one of these keys, val lines never; checking the bytes first keeps
+# a million-line iter-based log cheap (json.dumps writes '"key": value').
+_TRAIN_MARKERS = (b'"epoch": ', b'"iter": ')
+
+
+def scalars_files(work_dir: Path) -> list[Path]:
+    """``<launch>/vis_data/scalars.json`` of every launch, oldest launch first."""
+    found = []
+    try:
+        launches = sorted(os.scandir(work_dir), key=lambda e: e.name)
+    except OSError:
+        return []
+    for entry in launches:
+        if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+            continue
+        candidate = Path(entry.path, "vis_data", "scalars.json")
+        if candidate.is_file() and not candidate.is_symlink():
+            found.append(candidate)
+    return found
+
+
+def _is_val_line(line: bytes) -> bool:
+    return not any(marker in line for marker in _TRAIN_MARKERS)
+
+
+def _parse_val(data: dict[str, Any], source: str, line: int) -> EvalRecord | None:
+    if "epoch" in data or "iter" in data:
+        return None  # a train line written with unusual separators
+    step = data.get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"evaluation record without an integer 'step' (got {step!r})")
+    if step < 0:
+        raise ValueError(f"evaluation record with a negative step ({step})")
+    return EvalRecord(step, numeric_metrics(data, NOT_METRICS), source, line)
+
+
+class MMEngineLayout(Layout):
+    name: ClassVar[str] = "mmengine"
+    default_keep_keys: ClassVar[tuple[str, ...]] = ("meta", "state_dict")
+
+    @classmethod
+    def detect(cls, work_dir: Path) -> bool:
+        return os.path.lexists(work_dir / POINTER) or bool(scalars_files(work_dir))
+
+    def list_checkpoints(self, work_dir: Path) -> tuple[list[Candidate], list[Skipped]]:
+        candidates: list[Candidate] = []
+        skipped: list[Skipped] = []
+        for entry in os.scandir(work_dir):
+            match = CHECKPOINT_NAME.fullmatch(entry.name)
+            if not match:
+                continue
+            if entry.is_symlink():
+                skipped.append(Skipped(entry.name, "a symlink; ckptd never deletes or follows it"))
+                continue
+            if not entry.is_file(follow_symlinks=False):
+                skipped.append(Skipped(entry.name, "not a regular file"))
+                continue
+            try:
+                stat = FileStat.of(entry.stat(follow_symlinks=False))
+            except FileNotFoundError:
+                continue
+            candidates.append(Candidate(entry.name, match.group(1), int(match.group(2)), stat))
+        return candidates, skipped
+
+    def format_check(self, path: Path) -> tuple[bool | None, str]:
+        from ckptd.torchzip import looks_complete
+
+        verdict = looks_complete(path)
+        if verdict is False:
+            return False, "no valid end of zip archive yet (being written or truncated)"
+        return verdict, ""
+
+    def resume_target(self, work_dir: Path, names: set[str]) -> tuple[str | None, str]:
+        text, note = read_pointer_file(work_dir / POINTER)
+        if not text:
+            return None, note
+        return match_pointer(text, work_dir, names, POINTER)
+
+    def read_evals(
+        self, work_dir: Path, previous: dict[str, SourceState], unit: str | None
+    ) -> EvalRead:
+        return tail_json_lines(
+            work_dir, scalars_files(work_dir), previous, _is_val_line, _parse_val
+        )
+
+    def artifact_name(self, key: str, checkpoint: Checkpoint) -> str:
+        # CheckpointHook: f'best_{key_indicator}_{ckpt_filename}' with '/' replaced by '_'
+        return f"best_{key}_{checkpoint.unit}_{checkpoint.index}.pth".replace("/", "_")

@@ -1,0 +1,153 @@
+"""The read side of a reconcile pass: what is on disk, what was evaluated, which epoch is best.
+
+Nothing here writes; ``observe`` turns a work_dir plus the persisted state into an
+``Observation`` that the pure policy plans on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptd.artifacts import ArtifactEntry, is_current, read_manifest
+from ckptd.best import MetricChoice, resolve_metrics, select_best, supersede_resumed
+from ckptd.config import ProjectConfig
+from ckptd.fsutil import FileStat
+from ckptd.layouts.base import Layout, PointerUnreadable, SourceState
+from ckptd.model import Best, EvalRecord, Problem, WorkDirScan
+from ckptd.state import WorkDirState
+from ckptd.units import format_duration
+
+
+@dataclass(slots=True)
+class Observation:
+    scan: WorkDirScan
+    records: list[EvalRecord]  # after resumed runs superseded repeated epochs
+    sources: dict[str, SourceState]
+    choices: list[MetricChoice]
+    bests: dict[str, Best]
+    manifest: dict[str, ArtifactEntry]
+    ready: set[str]  # metric keys whose artifact already holds the best
+    verified: dict[str, FileStat]
+    unit: str | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[Problem]:
+        return self.scan.problems
+
+    @property
+    def blocking(self) -> list[Problem]:
+        return [p for p in self.scan.problems if p.blocking]
+
+    @property
+    def evaluated(self) -> frozenset[int]:
+        return frozenset(r.index for r in self.records)
+
+    @property
+    def latest_evaluated(self) -> int | None:
+        return max((r.index for r in self.records), default=None)
+
+
+def _judge_completeness(
+    layout: Layout,
+    work_dir: Path,
+    scan: WorkDirScan,
+    candidates: list,
+    verified: Mapping[str, FileStat],
+    settle: float,
+    now: float,
+    closed: Mapping[str, FileStat],
+) -> dict[str, FileStat]:
+    still_verified: dict[str, FileStat] = {}
+    for candidate in candidates:
+        if verified.get(candidate.name) == candidate.stat:
+            scan.checkpoints.append(candidate.as_checkpoint(True))
+            still_verified[candidate.name] = candidate.stat
+            continue
+        age = now - candidate.stat.mtime_ns / 1e9
+        if age < settle and closed.get(candidate.name) != candidate.stat:
+            reason = f"modified {format_duration(max(age, 0))} ago, waiting for writes to settle"
+            scan.checkpoints.append(candidate.as_checkpoint(False, reason))
+            continue
+        try:
+            verdict, reason = layout.format_check(work_dir / candidate.name)
+        except OSError as exc:
+            verdict, reason = False, f"cannot read: {exc.strerror}"
+        if verdict is False:
+            scan.checkpoints.append(candidate.as_checkpoint(False, reason))
+            continue
+        scan.checkpoints.append(candidate.as_checkpoint(True))
+        still_verified[candidate.name] = candidate.stat
+    return still_verified
+
+
+def _unit_of(scan: WorkDirScan) -> str | None:
+    units = sorted({c.unit for c in scan.checkpoints})
+    if len(units) > 1:
+        scan.problems.append(
+            Problem(
+                str(scan.work_dir),
+                f"holds checkpoints counted in {' and '.join(units)}; ckptd cannot tell which "
+                "the evaluation steps count. Keep one kind per work_dir",
+            )
+        )
+        return None
+    return units[0] if units else None
+
+
+def observe(
+    work_dir: Path,
+    layout: Layout,
+    project: ProjectConfig,
+    state: WorkDirState,
+    artifact_dir: Path,
+    *,
+    settle: float,
+    now: float,
+    closed: Mapping[str, FileStat] | None = None,
+) -> Observation:
+    scan = WorkDirScan(work_dir=work_dir, layout=layout.name)
+    candidates, scan.skipped = layout.list_checkpoints(work_dir)
+    verified = _judge_completeness(
+        layout, work_dir, scan, candidates, state.verified, settle, now, closed or {}
+    )
+    scan.checkpoints.sort(key=lambda c: c.index)
+    names = {c.name for c in scan.checkpoints}
+    try:
+        scan.resume_target, scan.resume_note = layout.resume_target(work_dir, names)
+    except PointerUnreadable as exc:
+        scan.problems.append(Problem(str(work_dir), str(exc)))
+    unit = _unit_of(scan)
+
+    read = layout.read_evals(work_dir, state.sources, unit)
+    scan.problems.extend(read.problems)
+    records = supersede_resumed(read.records)
+    choices, choice_problems = resolve_metrics(project.best, records)
+    scan.problems.extend(choice_problems)
+
+    bests: dict[str, Best] = {}
+    for choice in choices:
+        best, problems = select_best(records, choice)
+        scan.problems.extend(problems)
+        if best is not None:
+            bests[choice.key] = best
+
+    manifest = read_manifest(artifact_dir)
+    ready = {
+        key
+        for key, best in bests.items()
+        if is_current(manifest.get(key), best, scan.checkpoint_at(best.index), artifact_dir)
+    }
+    return Observation(
+        scan=scan,
+        records=records,
+        sources=read.sources,
+        choices=choices,
+        bests=bests,
+        manifest=manifest,
+        ready=ready,
+        verified=verified,
+        unit=unit,
+    )

@@ -1,0 +1,125 @@
+"""How a pass is shown: a ``borg prune --list``-style listing for people, and JSON for tools."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ckptd.reconcile import WorkDirReport
+from ckptd.units import format_size
+
+
+def _verb(report: WorkDirReport, keep: bool, name: str) -> str:
+    if keep:
+        return "keep"
+    done = {d.decision.checkpoint.name: d for d in report.deletions}
+    if name in done:
+        return "deleted" if done[name].done else "kept*"
+    return "would delete" if report.dry_run or not report.deletions else "delete (held)"
+
+
+def _value(value: float) -> str:
+    return f"{value:.6g}" if math.isfinite(value) else str(value)
+
+
+def format_report(report: WorkDirReport) -> str:
+    target = report.target
+    head = f"== {target.project.name}: {target.work_dir}"
+    if report.layout:
+        head += f"  [{report.layout}]"
+    head += f"  {report.seconds:.2f} s" + ("  (dry run)" if report.dry_run else "")
+    lines = [head]
+    if report.skipped:
+        lines.append(f"  skipped  {report.skipped}")
+    width = 0
+    if report.plan:
+        width = max((len(d.checkpoint.name) for d in report.plan.decisions), default=0)
+        for d in report.plan.decisions:
+            verb = _verb(report, d.keep, d.checkpoint.name)
+            size = format_size(d.checkpoint.stat.size)
+            lines.append(
+                f"  {verb:<13} {d.checkpoint.name:<{width}}  {size:>10}  {'; '.join(d.reasons)}"
+            )
+    if report.observation:
+        for s in report.observation.scan.skipped:
+            lines.append(f"  {'skip':<13} {s.name:<{width}}  {'':>10}  {s.reason}")
+    for a in report.artifacts:
+        b = a.best
+        size = f"  {format_size(a.entry.bytes)}" if a.entry and a.status != "failed" else ""
+        lines.append(
+            f"  best          {b.key} = {_value(b.value)} ({b.rule}) at {b.index} -> "
+            f"{a.path}{size}  [{a.status}]" + (f": {a.detail}" if a.detail else "")
+        )
+    if report.observation and not report.artifacts and not report.observation.records:
+        lines.append("  best          no evaluation records yet")
+    for note in report.notes:
+        lines.append(f"  note          {note}")
+    for error in report.errors:
+        lines.append(f"  error         {error}")
+    if report.plan:
+        gone = {d.decision.checkpoint.name for d in report.deletions if d.done}
+        remaining = [d for d in report.plan.decisions if d.checkpoint.name not in gone]
+        held = sum(d.checkpoint.stat.size for d in remaining)
+        lines.append(
+            f"  held {format_size(held)} in {len(remaining)} checkpoint(s); reclaimed "
+            f"{format_size(report.reclaimed_bytes)} this pass "
+            f"({format_size(report.reclaimed_total)} in total)"
+        )
+    return "\n".join(lines)
+
+
+def report_json(report: WorkDirReport) -> dict[str, Any]:
+    target = report.target
+    data: dict[str, Any] = {
+        "project": target.project.name,
+        "work_dir": str(target.work_dir),
+        "layout": report.layout,
+        "dry_run": report.dry_run,
+        "skipped": report.skipped or None,
+        "seconds": round(report.seconds, 4),
+        "errors": report.errors,
+        "notes": report.notes,
+        "reclaimed_bytes": report.reclaimed_bytes,
+        "reclaimed_total_bytes": report.reclaimed_total,
+        "checkpoints": [],
+        "best": [],
+    }
+    deleted = {d.decision.checkpoint.name: d for d in report.deletions}
+    if report.plan:
+        for d in report.plan.decisions:
+            done = deleted.get(d.checkpoint.name)
+            data["checkpoints"].append(
+                {
+                    "name": d.checkpoint.name,
+                    "unit": d.checkpoint.unit,
+                    "index": d.checkpoint.index,
+                    "bytes": d.checkpoint.stat.size,
+                    "complete": d.checkpoint.complete,
+                    "action": "keep" if d.keep else ("deleted" if done and done.done else "delete"),
+                    "protected": d.protected,
+                    "reasons": list(d.reasons),
+                }
+            )
+        data["held_bytes"] = sum(
+            c["bytes"] for c in data["checkpoints"] if c["action"] != "deleted"
+        )
+    for a in report.artifacts:
+        data["best"].append(
+            {
+                "metric": a.key,
+                "rule": a.best.rule,
+                "value": a.best.value if math.isfinite(a.best.value) else str(a.best.value),
+                "index": a.best.index,
+                "artifact": str(a.path),
+                "status": a.status,
+                "detail": a.detail or None,
+                "sha256": a.entry.sha256 if a.entry else None,
+                "bytes": a.entry.bytes if a.entry else None,
+            }
+        )
+    if report.observation:
+        data["resume_target"] = report.observation.scan.resume_target
+        data["skipped_entries"] = [
+            {"name": s.name, "reason": s.reason} for s in report.observation.scan.skipped
+        ]
+    return data

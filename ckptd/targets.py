@@ -1,0 +1,61 @@
+"""Which folders are work_dirs: project globs expanded, symlinks and duplicates refused."""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptd.config import LoadedConfig
+from ckptd.reconcile import Target
+
+
+@dataclass(slots=True)
+class Discovery:
+    targets: list[Target] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def expand_pattern(pattern: str, base_dir: Path) -> str:
+    expanded = os.path.expanduser(os.path.expandvars(pattern))
+    return expanded if os.path.isabs(expanded) else str(base_dir / expanded)
+
+
+def discover(loaded: LoadedConfig) -> Discovery:
+    """Every folder matched by a project's globs, once, in a stable order.
+
+    A match that is a symlink is refused: ckptd deletes inside work_dirs and must know that
+    what it deletes is really inside the folder the config names.
+    """
+    found = Discovery()
+    owner: dict[Path, str] = {}
+    for project in loaded.config.projects:
+        matched_any = False
+        for pattern in project.work_dirs:
+            full = expand_pattern(pattern, loaded.base_dir)
+            for match in sorted(glob.glob(full, recursive=True)):
+                path = Path(os.path.normpath(os.path.abspath(match)))
+                if os.path.islink(path):
+                    found.notes.append(
+                        f"{path}: is a symlink, not managed; list its real path in work_dirs"
+                    )
+                    continue
+                if not path.is_dir() or path.name == ".ckptd":
+                    continue
+                matched_any = True
+                if path in owner:
+                    if owner[path] != project.name:
+                        found.notes.append(
+                            f"{path}: matched by projects {owner[path]!r} and {project.name!r}; "
+                            f"managed by {owner[path]!r} only"
+                        )
+                    continue
+                owner[path] = project.name
+                found.targets.append(Target(path, project, loaded.base_dir))
+        if not matched_any:
+            found.notes.append(
+                f"project {project.name!r}: no folder matches "
+                + ", ".join(expand_pattern(p, loaded.base_dir) for p in project.work_dirs)
+            )
+    return found

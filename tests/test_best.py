@@ -1,0 +1,130 @@
+"""Best selection and rule inference, checked against MMEngine's CheckpointHook rules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ckptd.best import (
+    GREATER_KEYS,
+    LESS_KEYS,
+    BestMetricError,
+    MetricChoice,
+    infer_rule,
+    resolve_metrics,
+    select_best,
+    supersede_resumed,
+)
+from ckptd.config import BestConfig
+from ckptd.model import EvalRecord
+
+
+def records(values: list[float], key: str = "coco/bbox_mAP", start: int = 1) -> list[EvalRecord]:
+    return [EvalRecord(i, {key: v, "other": 0.0}, "s.json", i) for i, v in enumerate(values, start)]
+
+
+@pytest.mark.parametrize("key", GREATER_KEYS)
+def test_every_greater_key_exact_and_any_case(key: str) -> None:
+    assert infer_rule(key) == "greater"
+    assert infer_rule(key.upper()) == "greater"
+
+
+@pytest.mark.parametrize("key", LESS_KEYS)
+def test_every_less_key_exact(key: str) -> None:
+    assert infer_rule(key) == "less"
+    assert infer_rule(key.title()) == "less"
+
+
+@pytest.mark.parametrize(
+    ("key", "rule"),
+    [
+        ("coco/bbox_mAP", "greater"),
+        ("accuracy/top1", "greater"),
+        ("pascal_voc/mAP", "greater"),
+        ("mIoU", "greater"),
+        ("val/loss", "less"),
+        ("loss_cls", "less"),
+        ("AR@100", "greater"),
+        ("val_auc", "greater"),
+        # substring of a greater key wins over substring of a less key, like MMEngine
+        ("acc_loss", "greater"),
+        ("precision_loss", "greater"),
+    ],
+)
+def test_substring_cases(key: str, rule: str) -> None:
+    assert infer_rule(key) == rule
+
+
+@pytest.mark.parametrize("key", ["psnr", "f1", "bleu", "step"])
+def test_unknown_key_is_an_error_that_says_what_to_set(key: str) -> None:
+    with pytest.raises(BestMetricError, match=r"set best\.rule: greater or less"):
+        infer_rule(key)
+
+
+def test_auto_is_first_key_of_first_record() -> None:
+    recs = [EvalRecord(1, {"pascal_voc/mAP": 0.1, "pascal_voc/AP50": 0.2}, "s", 3)]
+    choices, problems = resolve_metrics(BestConfig(), recs)
+    assert choices == [MetricChoice("pascal_voc/mAP", "greater")] and not problems
+    assert resolve_metrics(BestConfig(), []) == ([], [])
+
+
+def test_named_metrics_with_explicit_and_inferred_rules() -> None:
+    cfg = BestConfig(metric=["coco/bbox_mAP", "val/loss", "psnr"], rule=["auto", "auto", "greater"])
+    choices, problems = resolve_metrics(cfg, [])
+    assert choices == [
+        MetricChoice("coco/bbox_mAP", "greater"),
+        MetricChoice("val/loss", "less"),
+        MetricChoice("psnr", "greater"),
+    ]
+    assert not problems
+
+
+def test_uninferable_metric_is_reported_not_guessed() -> None:
+    choices, problems = resolve_metrics(BestConfig(metric="psnr"), [])
+    assert choices == [] and "psnr" in str(problems[0])
+
+
+def test_strict_improvement_earliest_tie_wins() -> None:
+    best, _ = select_best(records([0.3, 0.5, 0.5, 0.4]), MetricChoice("coco/bbox_mAP", "greater"))
+    assert best is not None and best.index == 2 and best.value == 0.5
+
+
+def test_less_rule() -> None:
+    best, _ = select_best(records([0.9, 0.4, 0.4, 0.7], "loss"), MetricChoice("loss", "less"))
+    assert best is not None and best.index == 2
+
+
+def test_nan_and_inf_never_become_best() -> None:
+    nan, inf = math.nan, math.inf
+    choice = MetricChoice("coco/bbox_mAP", "greater")
+    best, _ = select_best(records([nan, 0.2, inf, nan, 0.1]), choice)
+    assert best is not None and best.index == 2
+    best, _ = select_best(records([nan, -inf, inf]), choice)
+    assert best is None
+    best, _ = select_best(records([-inf, 0.5], "loss"), MetricChoice("loss", "less"))
+    assert best is not None and best.index == 2
+
+
+def test_missing_metric_is_a_problem_naming_file_line_and_keys() -> None:
+    recs = records([0.1, 0.2])
+    recs.append(EvalRecord(3, {"coco/segm_mAP": 0.9}, "20240101/vis_data/scalars.json", 17))
+    best, problems = select_best(recs, MetricChoice("coco/bbox_mAP", "greater"))
+    assert best is not None and best.index == 2
+    assert len(problems) == 1
+    text = str(problems[0])
+    assert "20240101/vis_data/scalars.json:17" in text and "coco/segm_mAP" in text
+
+
+def test_resume_from_earlier_epoch_supersedes_later_records() -> None:
+    first = records([0.1, 0.2, 0.9, 0.3])  # epochs 1..4; epoch 3 looked best
+    resumed = records([0.25, 0.26], start=3)  # resumed from epoch 2: epochs 3, 4 again
+    merged = supersede_resumed(first + resumed)
+    assert [r.index for r in merged] == [1, 2, 3, 4]
+    best, _ = select_best(merged, MetricChoice("coco/bbox_mAP", "greater"))
+    assert best is not None and best.index == 4 and best.value == 0.26
+
+
+def test_duplicated_step_latest_wins() -> None:
+    merged = supersede_resumed(records([0.1, 0.2]) + records([0.05], start=2))
+    assert [(r.index, r.metrics["coco/bbox_mAP"]) for r in merged] == [(1, 0.1), (2, 0.05)]
