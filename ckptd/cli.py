@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    run = sub.add_parser("run", help="watch the work_dirs and keep them reconciled (the service)")
+    _add_config(run)
+    run.add_argument(
+        "--workers", type=int, default=2, help="work_dirs reconciled in parallel (default 2)"
+    )
+
     check = sub.add_parser("check", help="validate the config and print it with defaults")
     _add_config(check)
 
@@ -183,7 +189,20 @@ def cmd_slim(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from ckptd.daemon import Daemon
+
+    loaded = _load(args)
+    if args.workers < 1:
+        print("ckptd run: --workers must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    daemon = Daemon(loaded, workers=args.workers)
+    daemon.install_signal_handlers()
+    return daemon.run()
+
+
 COMMANDS = {
+    "run": cmd_run,
     "check": cmd_check,
     "once": cmd_once,
     "status": cmd_status,

@@ -123,3 +123,50 @@ def report_json(report: WorkDirReport) -> dict[str, Any]:
             {"name": s.name, "reason": s.reason} for s in report.observation.scan.skipped
         ]
     return data
+
+
+def log_actions(report: WorkDirReport, logger, previous: WorkDirReport | None = None) -> None:
+    """One log line per action (slim, delete, skip, error) with its work_dir, file and reason.
+
+    Notes that repeat from the previous pass are not logged again, so a steady state is quiet.
+    """
+    base = {"work_dir": str(report.target.work_dir), "project": report.target.project.name}
+
+    def emit(level: int, message: str, **fields: object) -> None:
+        logger.log(level, message, extra={"fields": {**base, **fields}})
+
+    for a in report.artifacts:
+        if a.status == "written" and a.entry is not None:
+            emit(
+                20,
+                f"slim: new best {a.key}={_value(a.best.value)} -> {a.path.name}",
+                action="slim",
+                checkpoint=a.entry.source_checkpoint,
+                rule=a.best.rule,
+                artifact=str(a.path),
+                bytes=a.entry.bytes,
+            )
+        elif a.status in ("deferred", "missing"):
+            emit(20, f"skip: artifact for {a.key} {a.status}: {a.detail}", action="skip")
+    for d in report.deletions:
+        reason = "; ".join(d.decision.reasons)
+        fields = {
+            "checkpoint": d.decision.checkpoint.name,
+            "bytes": d.decision.checkpoint.stat.size,
+        }
+        if d.done:
+            emit(
+                20,
+                f"delete: {d.decision.checkpoint.name}",
+                action="delete",
+                reason=reason,
+                **fields,
+            )
+        else:
+            emit(30, f"skip delete: {d.detail}", action="skip", reason=d.detail, **fields)
+    old_notes = set(previous.notes) if previous else set()
+    for note in report.notes:
+        if note not in old_notes:
+            emit(20, note, action="note")
+    for error in report.errors:
+        emit(40, error, action="error")

@@ -59,3 +59,31 @@ def discover(loaded: LoadedConfig) -> Discovery:
                 + ", ".join(expand_pattern(p, loaded.base_dir) for p in project.work_dirs)
             )
     return found
+
+
+def _static_prefix(pattern: str) -> Path:
+    """The deepest folder of a glob that has no wildcard in it."""
+    parts = Path(pattern).parts
+    static = []
+    for part in parts:
+        if glob.has_magic(part):
+            break
+        static.append(part)
+    return Path(*static) if static else Path("/")
+
+
+def discovery_folders(loaded: LoadedConfig) -> list[Path]:
+    """Folders to watch so new work_dirs are noticed: each glob's static prefix and the parents
+    of what it matches now (a new run usually appears next to the previous ones)."""
+    folders: dict[Path, None] = {}
+    for project in loaded.config.projects:
+        for pattern in project.work_dirs:
+            full = expand_pattern(pattern, loaded.base_dir)
+            prefix = _static_prefix(full)
+            if glob.has_magic(full):
+                folders[prefix] = None
+                for match in glob.glob(full, recursive=True):
+                    folders[Path(os.path.abspath(match)).parent] = None
+            else:
+                folders[prefix.parent] = None
+    return [f for f in folders if f.is_dir()]

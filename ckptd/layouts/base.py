@@ -102,6 +102,10 @@ class Layout(ABC):
     def artifact_name(self, key: str, checkpoint: Checkpoint) -> str:
         """The best artifact's file name for metric ``key`` (MMEngine's naming where it has one)."""
 
+    def watch_folders(self, work_dir: Path) -> list[Path]:
+        """Folders whose direct entries change when the trainer writes (never whole trees)."""
+        return [work_dir]
+
 
 def lstat_or_none(path: Path) -> os.stat_result | None:
     try:

@@ -29,6 +29,7 @@ from ckptd.model import Checkpoint, EvalRecord, Skipped
 
 CHECKPOINT_NAME = re.compile(r"(epoch|iter)_(\d+)\.pth")
 POINTER = "last_checkpoint"
+LAUNCH_NAME = re.compile(r"\d{8}_\d{6}")  # MMEngine's per-launch folder, e.g. 20240101_120000
 # Added by MMEngine's LoggerHook/LogProcessor to every val line; not evaluation metrics.
 NOT_METRICS = frozenset({"step", "data_time", "time"})
 # Train lines always carry one of these keys, val lines never; checking the bytes first keeps
@@ -115,6 +116,22 @@ class MMEngineLayout(Layout):
         return tail_json_lines(
             work_dir, scalars_files(work_dir), previous, _is_val_line, _parse_val
         )
+
+    def watch_folders(self, work_dir: Path) -> list[Path]:
+        # A launch folder appears first, then its vis_data/ inside it, then scalars.json.
+        folders = [work_dir]
+        try:
+            entries = sorted(os.scandir(work_dir), key=lambda e: e.name)
+        except OSError:
+            return folders
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False) or not LAUNCH_NAME.fullmatch(entry.name):
+                continue
+            folders.append(Path(entry.path))
+            vis_data = Path(entry.path, "vis_data")
+            if vis_data.is_dir() and not vis_data.is_symlink():
+                folders.append(vis_data)
+        return folders
 
     def artifact_name(self, key: str, checkpoint: Checkpoint) -> str:
         # CheckpointHook: f'best_{key_indicator}_{ckpt_filename}' with '/' replaced by '_'

@@ -1,0 +1,361 @@
+"""``ckptd run``: the long-running service.
+
+The main thread owns all scheduling: watch events and timers only mark work_dirs due, and a
+small pool of workers reconciles them, never two passes on one work_dir at once. Everything is
+level-triggered: a pass reads the disk, so a missed event costs latency, never correctness,
+and the periodic resync bounds even that.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptd.config import ConfigError, LoadedConfig, load_config
+from ckptd.fsutil import FileStat
+from ckptd.layouts import LayoutError, choose_layout
+from ckptd.reconcile import PassOptions, Target, WorkDirReport, reconcile
+from ckptd.report import log_actions
+from ckptd.sdnotify import Notifier, watchdog_interval
+from ckptd.state import WorkDirLock
+from ckptd.targets import discover, discovery_folders
+from ckptd.units import format_size
+from ckptd.watch import Change, Watcher, watch_plan
+
+log = logging.getLogger("ckptd.daemon")
+
+DEBOUNCE = 0.2  # coalesce the burst of events one checkpoint or log line causes
+REDISCOVER_EVERY = 10.0  # new work_dirs under globs whose parents are not watched
+BACKOFF_START, BACKOFF_MAX = 5.0, 300.0
+BUSY_RETRY = 30.0
+STOP_GRACE = 8.0  # SIGTERM: in-flight work gets this long; systemd's default is 90 s
+
+
+class Cancelled(Exception):
+    """Raised inside a slim when the daemon must stop before it would finish."""
+
+
+@dataclass(slots=True)
+class WorkDirSlot:
+    target: Target
+    lock: WorkDirLock
+    due: float | None = None
+    running: bool = False
+    again: bool = False  # changed while a pass was running
+    failures: int = 0
+    busy_holder: str = ""
+    last_ok: float | None = None
+    last_report: WorkDirReport | None = None
+    closed: dict[str, FileStat] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Health:
+    started: float = field(default_factory=time.time)
+    last_tick: float = field(default_factory=time.monotonic)
+    first_pass_done: bool = False
+    last_success: float | None = None
+
+
+class Daemon:
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        *,
+        workers: int = 2,
+        notifier: Notifier | None = None,
+        on_report: Callable[[WorkDirReport], None] | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.notifier = notifier or Notifier()
+        self.on_report = on_report
+        self.health = Health()
+        self.slots: dict[Path, WorkDirSlot] = {}
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._stop_deadline: float | None = None
+        self._reload = False
+        self._rediscover_at = 0.0
+        self._resync_at = 0.0
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckptd-worker")
+        self._futures: dict[Path, Future[WorkDirReport]] = {}
+        watch = loaded.config.watch
+        self.watcher = Watcher(watch.mode, watch.poll_interval, self._on_change)
+
+    # --- signals and events (any thread) -------------------------------------------------
+
+    def request_stop(self) -> None:
+        with self._cond:
+            if not self._stop.is_set():
+                self._stop_deadline = time.monotonic() + STOP_GRACE
+                self._stop.set()
+            self._cond.notify_all()
+
+    def request_reload(self) -> None:
+        with self._cond:
+            self._reload = True
+            self._cond.notify_all()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+
+    def _on_change(self, change: Change) -> None:
+        with self._cond:
+            slot = self.slots.get(change.root)
+            if slot is None:
+                self._rediscover_at = min(self._rediscover_at, time.monotonic() + DEBOUNCE)
+            else:
+                if change.closed_after_write:
+                    self._remember_close(slot, change.path)
+                self._mark_due(slot, time.monotonic() + DEBOUNCE)
+            self._cond.notify_all()
+
+    @staticmethod
+    def _remember_close(slot: WorkDirSlot, path: Path) -> None:
+        try:
+            name = path.relative_to(slot.target.work_dir).as_posix()
+            slot.closed[name] = FileStat.lstat(path)
+        except (ValueError, OSError):
+            pass  # outside the work_dir, or already gone
+
+    def _mark_due(self, slot: WorkDirSlot, when: float) -> None:
+        if slot.running:
+            slot.again = True
+        slot.due = when if slot.due is None else min(slot.due, when)
+
+    # --- discovery -----------------------------------------------------------------------
+
+    def _rediscover(self) -> None:
+        found = discover(self.loaded)
+        for note in found.notes:
+            log.debug(note)
+        wanted = {t.work_dir: t for t in found.targets}
+        now = time.monotonic()
+        with self._cond:
+            for path in list(self.slots):
+                slot = self.slots[path]
+                if path not in wanted and not slot.running:
+                    slot.lock.release()
+                    del self.slots[path]
+                    log.info("work_dir gone or no longer matched", extra=_f(path))
+            for path, target in wanted.items():
+                slot = self.slots.get(path)
+                if slot is None:
+                    self.slots[path] = WorkDirSlot(target, WorkDirLock(path), due=now)
+                    log.info("watching new work_dir", extra=_f(path, project=target.project.name))
+                elif slot.target != target:
+                    slot.target = target
+                    self._mark_due(slot, now)
+        self._sync_watches()
+        self._rediscover_at = time.monotonic() + REDISCOVER_EVERY
+
+    def _sync_watches(self) -> None:
+        per_dir = []
+        for path, slot in list(self.slots.items()):
+            try:
+                layout = choose_layout(path, slot.target.project.layout)
+            except (LayoutError, OSError):
+                layout = None
+            per_dir.append((path, layout.watch_folders(path) if layout else [path]))
+        self.watcher.sync(watch_plan(per_dir, discovery_folders(self.loaded)))
+
+    # --- the main loop -------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.watcher.start()
+        try:
+            self._rediscover()
+            self._resync_at = time.monotonic() + self.loaded.config.watch.resync_interval
+            ping_every = watchdog_interval()
+            next_ping = time.monotonic()
+            while not self._stop.is_set():
+                self.health.last_tick = time.monotonic()
+                if self._reload:
+                    self._do_reload()
+                now = time.monotonic()
+                if now >= self._rediscover_at:
+                    self._rediscover()
+                if now >= self._resync_at:
+                    self._resync()
+                self._dispatch(now)
+                self._check_first_pass()
+                if ping_every and now >= next_ping:
+                    self.notifier.watchdog()
+                    next_ping = now + ping_every
+                self._wait(next_ping if ping_every else None)
+        finally:
+            self._shutdown()
+        return 0
+
+    def _wait(self, next_ping: float | None) -> None:
+        with self._cond:
+            deadlines = [self._rediscover_at, self._resync_at]
+            deadlines += [s.due for s in self.slots.values() if s.due is not None and not s.running]
+            if next_ping is not None:
+                deadlines.append(next_ping)
+            timeout = max(0.0, min(deadlines) - time.monotonic())
+            if not self._stop.is_set() and not self._reload:
+                self._cond.wait(timeout=min(timeout, 1.0))
+
+    def _resync(self) -> None:
+        now = time.monotonic()
+        with self._cond:
+            for slot in self.slots.values():
+                self._mark_due(slot, now)
+        self._resync_at = now + self.loaded.config.watch.resync_interval
+
+    def _dispatch(self, now: float) -> None:
+        with self._cond:
+            due = [s for s in self.slots.values() if s.due is not None and s.due <= now]
+            for slot in sorted(due, key=lambda s: s.due or 0):
+                if slot.running:
+                    continue
+                slot.running, slot.again, slot.due = True, False, None
+                closed, slot.closed = slot.closed, {}
+                options = PassOptions(
+                    settle=self.loaded.config.watch.settle,
+                    closed=closed,
+                    progress=self._cancel_check,
+                )
+                future = self._pool.submit(self._pass, slot, options)
+                self._futures[slot.target.work_dir] = future
+                future.add_done_callback(lambda f, s=slot: self._finished(s, f))
+
+    def _cancel_check(self, done: int, total: int) -> None:
+        deadline = self._stop_deadline
+        if deadline is not None and time.monotonic() > deadline:
+            raise Cancelled(
+                "ckptd is stopping; the artifact was not written and will be next start"
+            )
+
+    def _pass(self, slot: WorkDirSlot, options: PassOptions) -> WorkDirReport:
+        return reconcile(slot.target, options, lock=slot.lock)
+
+    def _finished(self, slot: WorkDirSlot, future: Future[WorkDirReport]) -> None:
+        now = time.monotonic()
+        try:
+            report = future.result()
+        except Cancelled as exc:
+            log.warning(str(exc), extra=_f(slot.target.work_dir))
+            report = None
+        except Exception:
+            log.exception("unexpected error; will retry", extra=_f(slot.target.work_dir))
+            report = None
+        with self._cond:
+            slot.running = False
+            self._futures.pop(slot.target.work_dir, None)
+            next_due = self._next_due(slot, report, now)
+            if next_due is not None:
+                self._mark_due(slot, next_due)
+            if slot.again:
+                self._mark_due(slot, now + DEBOUNCE)
+            self._cond.notify_all()
+        if report is not None and self.on_report:
+            self.on_report(report)
+
+    def _next_due(
+        self, slot: WorkDirSlot, report: WorkDirReport | None, now: float
+    ) -> float | None:
+        if report is None or report.failed:
+            if report is not None:
+                log_actions(report, log, slot.last_report)
+                slot.last_report = report
+            slot.failures += 1
+            return now + min(BACKOFF_MAX, BACKOFF_START * 2 ** (slot.failures - 1))
+        slot.failures = 0
+        if report.skipped.startswith("locked"):
+            if report.skipped != slot.busy_holder:
+                log.warning(report.skipped, extra=_f(slot.target.work_dir, action="skip"))
+                slot.busy_holder = report.skipped
+            return now + BUSY_RETRY
+        slot.busy_holder = ""
+        log_actions(report, log, slot.last_report)
+        slot.last_ok = time.time()
+        self.health.last_success = slot.last_ok
+        slot.last_report = report
+        return _recheck_time(report, self.loaded.config.watch.settle, now)
+
+    def _check_first_pass(self) -> None:
+        if self.health.first_pass_done:
+            return
+        with self._cond:
+            pending = any(
+                s.last_report is None and (s.running or s.due) for s in self.slots.values()
+            )
+        if not pending:
+            self.health.first_pass_done = True
+            self.notifier.ready(self.status_line())
+            log.info(
+                "ready: first full reconcile done", extra={"fields": {"status": self.status_line()}}
+            )
+        else:
+            self.notifier.status("first reconcile in progress")
+
+    def status_line(self) -> str:
+        slots = list(self.slots.values())
+        errors = sum(1 for s in slots if s.failures)
+        reclaimed = sum(s.last_report.reclaimed_total for s in slots if s.last_report)
+        return (
+            f"watching {len(slots)} work_dir(s); {errors} with errors; "
+            f"reclaimed {format_size(reclaimed)} in total"
+        )
+
+    # --- reload and shutdown -------------------------------------------------------------
+
+    def _do_reload(self) -> None:
+        self._reload = False
+        self.notifier.reloading()
+        try:
+            loaded = load_config(self.loaded.path)
+        except ConfigError as exc:
+            log.error(f"config reload failed; keeping the running config: {exc}")
+            self.notifier.ready("reload failed: keeping the running config")
+            return
+        self.loaded = loaded
+        log.info("config reloaded", extra={"fields": {"config": str(loaded.path)}})
+        self._rediscover()
+        self._resync()
+        self.notifier.ready(self.status_line())
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping()
+        log.info("stopping: finishing the work in hand")
+        self.watcher.stop()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for slot in self.slots.values():
+            slot.lock.release()
+        self.notifier.close()
+        log.info("stopped")
+
+
+def _recheck_time(report: WorkDirReport, settle: float, now: float) -> float | None:
+    """When a pass left something that time alone will change: settling files, grace ends."""
+    observation = report.observation
+    if observation is None:
+        return None
+    times = []
+    if any(not c.complete for c in observation.scan.checkpoints) or any(
+        a.status == "deferred" for a in report.artifacts
+    ):
+        times.append(now + max(settle, 0.5))
+    grace = report.target.project.retention.pending_eval_grace
+    wall = time.time()
+    for c in observation.scan.checkpoints:
+        if c.index not in observation.evaluated:
+            expires = c.stat.mtime_ns / 1e9 + grace - wall
+            if expires > 0:
+                times.append(now + expires + 1)
+    return min(times) if times else None
+
+
+def _f(work_dir: Path, **fields: object) -> dict[str, dict[str, object]]:
+    """``extra=`` for a log call about one work_dir."""
+    return {"fields": {"work_dir": str(work_dir), **fields}}
