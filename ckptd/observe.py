@@ -123,7 +123,7 @@ def observe(
 
     read = layout.read_evals(work_dir, state.sources, unit)
     scan.problems.extend(read.problems)
-    records = supersede_resumed(read.records)
+    records = layout.as_evaluated(supersede_resumed(read.records))
     choices, choice_problems = resolve_metrics(project.best, records)
     scan.problems.extend(choice_problems)
 

@@ -102,6 +102,10 @@ class Layout(ABC):
     def artifact_name(self, key: str, checkpoint: Checkpoint) -> str:
         """The best artifact's file name for metric ``key`` (MMEngine's naming where it has one)."""
 
+    def as_evaluated(self, records: list[EvalRecord]) -> list[EvalRecord]:
+        """Undo what the trainer's logger did to metric values (none by default)."""
+        return records
+
     def watch_folders(self, work_dir: Path) -> list[Path]:
         """Folders whose direct entries change when the trainer writes (never whole trees)."""
         return [work_dir]

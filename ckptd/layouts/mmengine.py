@@ -9,6 +9,7 @@ with ``log_metric_by_epoch=False``).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -25,13 +26,19 @@ from ckptd.layouts.base import (
     read_pointer_file,
     tail_json_lines,
 )
-from ckptd.model import Checkpoint, EvalRecord, Skipped
+from ckptd.model import Checkpoint, EvalRecord, Problem, Skipped
 
 CHECKPOINT_NAME = re.compile(r"(epoch|iter)_(\d+)\.pth")
 POINTER = "last_checkpoint"
 LAUNCH_NAME = re.compile(r"\d{8}_\d{6}")  # MMEngine's per-launch folder, e.g. 20240101_120000
 # Added by MMEngine's LoggerHook/LogProcessor to every val line; not evaluation metrics.
 NOT_METRICS = frozenset({"step", "data_time", "time"})
+# LogProcessor logs val keys matching its mean_pattern as the mean of the last `window_size`
+# evaluations (defaults below), while CheckpointHook compares the raw value; see as_evaluated.
+SMOOTHED_KEY = re.compile(r".*(loss|time|data_time|grad_norm).*")
+SMOOTHING_WINDOW = 10
+# Enough digits to undo float64 rounding of the running mean, few enough to keep true ties.
+RAW_DIGITS = 12
 # Train lines always carry one of these keys, val lines never; checking the bytes first keeps
 # a million-line iter-based log cheap (json.dumps writes '"key": value').
 _TRAIN_MARKERS = (b'"epoch": ', b'"iter": ')
@@ -113,9 +120,21 @@ class MMEngineLayout(Layout):
     def read_evals(
         self, work_dir: Path, previous: dict[str, SourceState], unit: str | None
     ) -> EvalRead:
-        return tail_json_lines(
+        read = tail_json_lines(
             work_dir, scalars_files(work_dir), previous, _is_val_line, _parse_val
         )
+        if unit == "iter" and read.records and all(r.index == 0 for r in read.records):
+            first = read.records[0]
+            read.problems.append(
+                Problem(
+                    f"{first.source}:{first.line}",
+                    "validation records have step 0 while checkpoints count iterations: "
+                    "MMEngine's LoggerHook logs val metrics by epoch unless told otherwise. Set "
+                    "default_hooks.logger.log_metric_by_epoch=False (and log_processor.by_epoch="
+                    "False) so ckptd can match evaluations to iter_N.pth",
+                )
+            )
+        return read
 
     def watch_folders(self, work_dir: Path) -> list[Path]:
         # A launch folder appears first, then its vis_data/ inside it, then scalars.json.
@@ -132,6 +151,30 @@ class MMEngineLayout(Layout):
             if vis_data.is_dir() and not vis_data.is_symlink():
                 folders.append(vis_data)
         return folders
+
+    def as_evaluated(self, records: list[EvalRecord]) -> list[EvalRecord]:
+        """Recover raw values of smoothed keys (e.g. ``val/loss``) from the running means.
+
+        MMEngine writes mean(raw[n-9..n]) to scalars.json but picks the best by raw[n], so
+        comparing logged values would choose another epoch. The window carries across resumed
+        launches (the message hub is restored), so one pass over the records in order inverts
+        it. A NaN poisons the next window of means, as it does in MMEngine's own log.
+        """
+        history: dict[str, list[float]] = {}
+        out = []
+        for record in records:
+            metrics = dict(record.metrics)
+            for key, mean in record.metrics.items():
+                if not SMOOTHED_KEY.search(key):
+                    continue
+                previous = history.setdefault(key, [])[-(SMOOTHING_WINDOW - 1) :]
+                raw = mean * (len(previous) + 1) - sum(previous)
+                if math.isfinite(raw):
+                    raw = float(f"{raw:.{RAW_DIGITS}g}")
+                history[key].append(raw)
+                metrics[key] = raw
+            out.append(EvalRecord(record.index, metrics, record.source, record.line))
+        return out
 
     def artifact_name(self, key: str, checkpoint: Checkpoint) -> str:
         # CheckpointHook: f'best_{key_indicator}_{ckpt_filename}' with '/' replaced by '_'
