@@ -41,29 +41,62 @@ def build_parser() -> argparse.ArgumentParser:
         "training work_dirs, from outside the trainer.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # Logging options go before or after the command: `ckptd run --log-format json` too.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=argparse.SUPPRESS,
+        help="text for people (default), json lines for log shippers",
+    )
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+    )
+    for action in common._actions:
+        parser._add_action(action)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="watch the work_dirs and keep them reconciled (the service)")
+    run = sub.add_parser(
+        "run", parents=[common], help="watch the work_dirs and keep them reconciled (the service)"
+    )
     _add_config(run)
     run.add_argument(
         "--workers", type=int, default=2, help="work_dirs reconciled in parallel (default 2)"
     )
+    run.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics and /healthz here, e.g. 127.0.0.1:9464 (default: off)",
+    )
 
-    check = sub.add_parser("check", help="validate the config and print it with defaults")
+    check = sub.add_parser(
+        "check", parents=[common], help="validate the config and print it with defaults"
+    )
     _add_config(check)
 
-    once = sub.add_parser("once", help="one reconcile pass over every work_dir, then exit")
+    once = sub.add_parser(
+        "once", parents=[common], help="one reconcile pass over every work_dir, then exit"
+    )
     _add_config(once)
     once.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     once.add_argument("--json", action="store_true", help="print JSON instead of a listing")
 
-    status = sub.add_parser("status", help="best, artifact, checkpoints and why they are kept")
+    status = sub.add_parser(
+        "status", parents=[common], help="best, artifact, checkpoints and why they are kept"
+    )
     _add_config(status)
     status.add_argument("--json", action="store_true")
 
-    slim = sub.add_parser("slim", help="write a slim copy of one checkpoint (meta + state_dict)")
+    demo = sub.add_parser(
+        "demo", parents=[common], help="watch ckptd manage a simulated training (< 1 min)"
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the temp folder to inspect")
+    demo.add_argument("--epochs", type=int, default=12)
+    demo.add_argument("--delay", type=float, default=1.2, help="seconds per simulated epoch")
+
+    slim = sub.add_parser(
+        "slim", parents=[common], help="write a slim copy of one checkpoint (meta + state_dict)"
+    )
     slim.add_argument("checkpoint", type=Path)
     slim.add_argument("-o", "--output", type=Path, help="output file or folder")
     slim.add_argument(
@@ -196,13 +229,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("ckptd run: --workers must be at least 1", file=sys.stderr)
         return EXIT_USAGE
-    daemon = Daemon(loaded, workers=args.workers)
+    metrics = server = None
+    if args.metrics_addr:
+        from ckptd.metrics import DaemonMetrics
+
+        metrics = DaemonMetrics()
+    daemon = Daemon(loaded, workers=args.workers, metrics=metrics)
+    if metrics is not None:
+        try:
+            server = metrics.start_server(args.metrics_addr, daemon.healthy)
+        except (OSError, ValueError) as exc:
+            print(f"ckptd run: --metrics-addr {args.metrics_addr}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     daemon.install_signal_handlers()
-    return daemon.run()
+    try:
+        return daemon.run()
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ckptd.demo import run_demo
+
+    return run_demo(keep=args.keep, epochs=args.epochs, delay=args.delay)
 
 
 COMMANDS = {
     "run": cmd_run,
+    "demo": cmd_demo,
     "check": cmd_check,
     "once": cmd_once,
     "status": cmd_status,
@@ -215,11 +270,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from ckptd.logs import setup_logging
 
-    setup_logging(args.log_format, args.verbose)
+    umask = os.environ.get("CKPTD_UMASK")
+    if umask:
+        # Containers start with umask 022; 002 lets the trainers' group remove what ckptd made.
+        os.umask(int(umask, 8))
+    setup_logging(getattr(args, "log_format", "text"), getattr(args, "verbose", False))
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `ckptd status | head`: the reader left; that is not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:
         from ckptd.config import ConfigError
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from ckptd.config import ConfigError, LoadedConfig, load_config
 from ckptd.fsutil import FileStat
 from ckptd.layouts import LayoutError, choose_layout
+from ckptd.metrics import DaemonMetrics
 from ckptd.reconcile import PassOptions, Target, WorkDirReport, reconcile
 from ckptd.report import log_actions
 from ckptd.sdnotify import Notifier, watchdog_interval
@@ -34,6 +35,7 @@ DEBOUNCE = 0.2  # coalesce the burst of events one checkpoint or log line causes
 REDISCOVER_EVERY = 10.0  # new work_dirs under globs whose parents are not watched
 BACKOFF_START, BACKOFF_MAX = 5.0, 300.0
 BUSY_RETRY = 30.0
+LOOP_STALE_AFTER = 30.0  # the loop wakes at least every second; 30 s means it is stuck
 STOP_GRACE = 8.0  # SIGTERM: in-flight work gets this long; systemd's default is 90 s
 
 
@@ -71,10 +73,12 @@ class Daemon:
         workers: int = 2,
         notifier: Notifier | None = None,
         on_report: Callable[[WorkDirReport], None] | None = None,
+        metrics: DaemonMetrics | None = None,
     ) -> None:
         self.loaded = loaded
         self.notifier = notifier or Notifier()
         self.on_report = on_report
+        self.metrics = metrics
         self.health = Health()
         self.slots: dict[Path, WorkDirSlot] = {}
         self._cond = threading.Condition()
@@ -145,6 +149,8 @@ class Daemon:
                 if path not in wanted and not slot.running:
                     slot.lock.release()
                     del self.slots[path]
+                    if self.metrics:
+                        self.metrics.forget(str(path))
                     log.info("work_dir gone or no longer matched", extra=_f(path))
             for path, target in wanted.items():
                 slot = self.slots.get(path)
@@ -155,6 +161,8 @@ class Daemon:
                     slot.target = target
                     self._mark_due(slot, now)
         self._sync_watches()
+        if self.metrics:
+            self.metrics.set_watched(len(self.slots))
         self._rediscover_at = time.monotonic() + REDISCOVER_EVERY
 
     def _sync_watches(self) -> None:
@@ -258,6 +266,8 @@ class Daemon:
             if slot.again:
                 self._mark_due(slot, now + DEBOUNCE)
             self._cond.notify_all()
+        if report is not None and self.metrics:
+            self.metrics.record_pass(**metrics_of(report))
         if report is not None and self.on_report:
             self.on_report(report)
 
@@ -298,6 +308,15 @@ class Daemon:
             )
         else:
             self.notifier.status("first reconcile in progress")
+
+    def healthy(self) -> tuple[bool, str]:
+        """For /healthz: ready after the first full pass, alive while the main loop turns."""
+        if not self.health.first_pass_done:
+            return False, "starting: first reconcile in progress"
+        stale = time.monotonic() - self.health.last_tick
+        if stale > LOOP_STALE_AFTER:
+            return False, f"main loop has not run for {stale:.0f} s"
+        return True, self.status_line()
 
     def status_line(self) -> str:
         slots = list(self.slots.values())
@@ -359,3 +378,27 @@ def _recheck_time(report: WorkDirReport, settle: float, now: float) -> float | N
 def _f(work_dir: Path, **fields: object) -> dict[str, dict[str, object]]:
     """``extra=`` for a log call about one work_dir."""
     return {"fields": {"work_dir": str(work_dir), **fields}}
+
+
+def metrics_of(report: WorkDirReport) -> dict[str, object]:
+    """The numbers of one pass, as DaemonMetrics.record_pass takes them."""
+    decisions = report.plan.decisions if report.plan else ()
+    gone = {d.decision.checkpoint.name for d in report.deletions if d.done}
+    remaining = [d.checkpoint for d in decisions if d.checkpoint.name not in gone]
+    return {
+        "work_dir": str(report.target.work_dir),
+        "project": report.target.project.name,
+        "seconds": report.seconds,
+        "ok": not report.failed,
+        "checkpoints_kept": len(remaining),
+        "bytes_held": sum(c.stat.size for c in remaining),
+        "reclaimed_bytes": report.reclaimed_bytes,
+        "slims": [
+            (a.key, a.seconds, a.entry.bytes if a.entry else 0)
+            for a in report.artifacts
+            if a.status == "written"
+        ],
+        "deletions": len(gone),
+        "errors": list(report.error_kinds),
+        "best": {a.key: a.best.value for a in report.artifacts},
+    }

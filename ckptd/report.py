@@ -43,11 +43,12 @@ def format_report(report: WorkDirReport) -> str:
     if report.observation:
         for s in report.observation.scan.skipped:
             lines.append(f"  {'skip':<13} {s.name:<{width}}  {'':>10}  {s.reason}")
+    unit = f"{report.observation.unit} " if report.observation and report.observation.unit else ""
     for a in report.artifacts:
         b = a.best
         size = f"  {format_size(a.entry.bytes)}" if a.entry and a.status != "failed" else ""
         lines.append(
-            f"  best          {b.key} = {_value(b.value)} ({b.rule}) at {b.index} -> "
+            f"  best          {b.key} = {_value(b.value)} ({b.rule}) at {unit}{b.index} -> "
             f"{a.path}{size}  [{a.status}]" + (f": {a.detail}" if a.detail else "")
         )
     if report.observation and not report.artifacts and not report.observation.records:

@@ -1,0 +1,178 @@
+"""The act step for best artifacts: slim each new best, publish it in the manifest, and only
+then remove the artifact it replaces, so a complete best artifact exists at every instant."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from ckptd import artifacts
+from ckptd.artifacts import ArtifactEntry
+from ckptd.fsutil import remove_stale_temp_files
+from ckptd.layouts.base import Layout
+from ckptd.model import Best, Checkpoint
+from ckptd.observe import Observation
+from ckptd.outcome import ArtifactOutcome, PassOptions, Target, WorkDirReport
+from ckptd.state import WorkDirState
+from ckptd.units import format_size
+
+
+def keep_keys_for(target: Target, layout: Layout) -> tuple[str, ...]:
+    keys = target.project.artifact.keep_keys
+    return layout.default_keep_keys if keys == "auto" else tuple(keys)
+
+
+def _final_name(target: Target, name: str) -> str | Callable[[str], str]:
+    if not target.project.artifact.hash_in_name:
+        return name
+    stem = name.removesuffix(".pth")
+    return lambda sha256: f"{stem}-{sha256[:8]}.pth"
+
+
+def write_artifact(
+    target: Target, layout: Layout, best: Best, checkpoint: Checkpoint, options: PassOptions
+) -> tuple[ArtifactEntry, float]:
+    """Slim ``checkpoint`` into the artifact folder; the manifest entry and the seconds taken."""
+    from ckptd.slim import slim_checkpoint
+
+    result = slim_checkpoint(
+        target.work_dir / checkpoint.name,
+        target.artifact_dir,
+        _final_name(target, layout.artifact_name(best.key, checkpoint)),
+        keep_keys=keep_keys_for(target, layout),
+        progress=options.progress,
+    )
+    meta = getattr(result, "meta", None) or {}
+    entry = ArtifactEntry(
+        key=best.key,
+        file=result.path.name,
+        rule=best.rule,
+        value=best.value,
+        unit=checkpoint.unit,
+        index=checkpoint.index,
+        epoch=meta.get("epoch", checkpoint.index if checkpoint.unit == "epoch" else None),
+        step=meta.get("iter", checkpoint.index if checkpoint.unit != "epoch" else None),
+        sha256=result.sha256,
+        bytes=result.size,
+        source_checkpoint=checkpoint.name,
+        source_stat=tuple(result.source_stat.as_list()),  # type: ignore[arg-type]
+        kept_keys=tuple(result.kept_keys),
+        time=artifacts.now_iso(),
+    )
+    return entry, result.seconds
+
+
+def _shown_path(
+    folder: Path,
+    layout: Layout,
+    best: Best,
+    checkpoint: Checkpoint | None,
+    entry: ArtifactEntry | None,
+) -> Path:
+    if entry is not None and entry.index == best.index:
+        return folder / entry.file
+    if checkpoint is not None:
+        return folder / layout.artifact_name(best.key, checkpoint)
+    return folder / (entry.file if entry else "(none)")
+
+
+def ensure_artifacts(
+    target: Target,
+    layout: Layout,
+    observation: Observation,
+    state: WorkDirState,
+    options: PassOptions,
+    report: WorkDirReport,
+) -> bool:
+    """Slim every best that is not yet an artifact. False when one failed (then: no deletions)."""
+    from ckptd.slim import SlimError
+
+    folder = target.artifact_dir
+    entries = dict(observation.manifest)
+    ok = True
+    for key, best in observation.bests.items():
+        checkpoint = observation.scan.checkpoint_at(best.index)
+        entry = entries.get(key)
+        path = _shown_path(folder, layout, best, checkpoint, entry)
+        if key in observation.ready:
+            report.artifacts.append(ArtifactOutcome(key, best, path, "unchanged", entry=entry))
+            continue
+        if checkpoint is None:
+            detail = (
+                f"the best {best.key}={best.value:g} is at {best.index}, whose checkpoint is no "
+                "longer in the work_dir; the artifact stays at the previous best"
+            )
+            report.artifacts.append(ArtifactOutcome(key, best, path, "missing", detail, entry))
+            continue
+        if not checkpoint.complete:
+            detail = f"{checkpoint.name} is {checkpoint.incomplete_reason}; will slim it then"
+            report.artifacts.append(ArtifactOutcome(key, best, path, "deferred", detail, entry))
+            continue
+        if options.dry_run:
+            report.artifacts.append(ArtifactOutcome(key, best, path, "would write", entry=entry))
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(folder)
+            new, seconds = write_artifact(target, layout, best, checkpoint, options)
+            entries[key] = new
+            artifacts.write_manifest(
+                folder, entries, target.work_dir, target.project.name, layout.name
+            )
+        except (SlimError, OSError) as exc:
+            ok = False
+            message = _artifact_error(exc, folder, checkpoint)
+            report.error("slim", message)
+            report.artifacts.append(ArtifactOutcome(key, best, path, "failed", message, entry))
+            continue
+        report.artifacts.append(
+            ArtifactOutcome(key, best, folder / new.file, "written", entry=new, seconds=seconds)
+        )
+    if not options.dry_run and folder.is_dir():
+        remove_replaced_artifacts(folder, entries, state)
+    return ok
+
+
+def _artifact_error(exc: BaseException, folder: Path, checkpoint: Checkpoint) -> str:
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return (
+                f"{folder}: no space left while writing the artifact of {checkpoint.name} "
+                f"({format_size(checkpoint.stat.size)} checkpoint); free space there; the "
+                "previous best artifact is untouched and nothing was deleted"
+            )
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return (
+                f"{folder}: cannot write the artifact ({exc.strerror}); give ckptd's user write "
+                "access to artifact.dir; nothing was deleted"
+            )
+        where = exc.filename or folder
+        return f"{where}: {exc.strerror or exc}; nothing was deleted"
+    return str(exc)
+
+
+def remove_replaced_artifacts(
+    folder: Path, entries: Mapping[str, ArtifactEntry], state: WorkDirState
+) -> None:
+    """Remove artifacts ckptd made that the manifest no longer names.
+
+    Runs only after the manifest names the new ones. Files the manifest names are ckptd's own
+    even if a crash kept them out of the saved state; anything else in the folder is never
+    touched.
+    """
+    current = {e.file for e in entries.values() if _plain_name(e.file)}
+    survivors = []
+    for name in dict.fromkeys([*state.own_artifacts, *current]):
+        if name in current:
+            survivors.append(name)
+        elif _plain_name(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(folder / name)
+    state.own_artifacts = survivors
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and name not in (".", "..") and "\0" not in name
