@@ -1,0 +1,220 @@
+"""Copy byte ranges in the kernel, and verify what was written in background threads.
+
+The copy uses ``copy_file_range`` (no bytes pass through this process; on filesystems with
+reflinks or server-side copy not even through the page cache), falling back to a bounded
+read/write loop where the kernel refuses. ``ReadBackVerifier`` reads the output back while it is
+being written, for its sha256 and the CRC32 of each copied range: reading the *output* proves
+the bytes that landed on disk are the ones the source's central directory vouches for. hashlib
+and zlib release the GIL on large buffers, so hashing and checking overlap the copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+import zlib
+from collections.abc import Callable, Sequence
+
+from ckptd.torchzip import Copy
+
+COPY_CHUNK = 64 * 1024 * 1024  # bounds the latency of progress reports and of an abort
+READ_CHUNK = 1024 * 1024  # the only buffer: the peak RSS does not grow with the checkpoint
+_FALLBACK_ERRNOS = frozenset(
+    {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM}
+)
+
+
+class CrcMismatch(Exception):
+    def __init__(self, copy: Copy) -> None:
+        self.copy = copy
+        super().__init__(copy.name)
+
+
+def write_at(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _copy_buffered(src_fd: int, dst_fd: int, src: int, dst: int, size: int) -> int:
+    buffer = bytearray(min(size, READ_CHUNK))
+    done = 0
+    while done < size:
+        view = memoryview(buffer)[: min(len(buffer), size - done)]
+        n = os.preadv(src_fd, [view], src + done)
+        if n == 0:
+            break
+        write_at(dst_fd, view[:n], dst + done)
+        done += n
+    return done
+
+
+def copy_range(
+    src_fd: int, src: int, dst_fd: int, dst: int, size: int, on_chunk: Callable[[int], None]
+) -> None:
+    """Copy ``size`` bytes; ``on_chunk(done)`` after each chunk. EOFError if the source ends."""
+    done = 0
+    in_kernel = hasattr(os, "copy_file_range")
+    while done < size:
+        n = min(COPY_CHUNK, size - done)
+        if in_kernel:
+            try:
+                copied = os.copy_file_range(src_fd, dst_fd, n, src + done, dst + done)
+            except OSError as exc:
+                if exc.errno not in _FALLBACK_ERRNOS:
+                    raise
+                in_kernel = False
+                continue
+        else:
+            copied = _copy_buffered(src_fd, dst_fd, src + done, dst + done, n)
+        if copied == 0:
+            raise EOFError(f"source ended {size - done} bytes early")
+        done += copied
+        on_chunk(done)
+
+
+class ReadBackVerifier:
+    """sha256 of a file being written front to back, plus CRC32 checks of given ranges.
+
+    Two threads read the output back as it becomes final: one hashes everything, the other
+    checks the CRCs (together they take longer than the in-kernel copy, so they get a core
+    each). Call ``advance(n)`` whenever the first ``n`` bytes are final, ``finish(total)`` for
+    the hex digest (it raises what a thread raised: ``CrcMismatch``, ``OSError``,
+    ``EOFError``), or ``abort()`` on the way out of a failure.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], checks: Sequence[Copy]) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._checks = sorted((c for c in checks if c.size), key=lambda c: c.dest_offset)
+        self._cond = threading.Condition()
+        self._written = 0
+        self._total = -1
+        self._stop = False
+        self.error: BaseException | None = None
+        self._sha = hashlib.sha256()
+        self._threads = [
+            threading.Thread(target=self._run, args=(loop,), name=f"ckptd-{name}", daemon=True)
+            for name, loop in (("sha256", self._hash_all), ("crc32", self._check_crcs))
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def advance(self, written: int) -> None:
+        with self._cond:
+            self._written = written
+            self._cond.notify_all()
+        if self.error is not None:
+            raise self.error
+
+    def finish(self, total: int) -> str:
+        with self._cond:
+            self._written = self._total = total
+            self._cond.notify_all()
+        self._close()
+        if self.error is not None:
+            raise self.error
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._close()
+
+    def _close(self) -> None:
+        for thread in self._threads:
+            thread.join()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _run(self, loop: Callable[[memoryview], None]) -> None:
+        try:
+            loop(memoryview(bytearray(READ_CHUNK)))
+        except BaseException as exc:  # handed to the writing thread
+            with self._cond:
+                self.error = self.error or exc
+                self._stop = True
+                self._cond.notify_all()
+
+    def _final_up_to(self, pos: int) -> int:
+        """Wait until bytes past ``pos`` are final; return how far, or -1 to stop."""
+        with self._cond:
+            while not self._stop and pos >= self._written and pos != self._total:
+                self._cond.wait()
+            return -1 if self._stop or pos == self._total else self._written
+
+    def _read(self, view: memoryview, pos: int, end: int) -> memoryview:
+        n = os.preadv(self._fd, [view[: min(len(view), end - pos)]], pos)
+        if n == 0:
+            raise EOFError("the output is shorter than what was written")
+        return view[:n]
+
+    def _hash_all(self, view: memoryview) -> None:
+        pos = 0
+        while (limit := self._final_up_to(pos)) >= 0:
+            while pos < limit and not self._stop:
+                chunk = self._read(view, pos, limit)
+                self._sha.update(chunk)
+                pos += len(chunk)
+
+    def _check_crcs(self, view: memoryview) -> None:
+        for check in self._checks:
+            pos, end, crc = check.dest_offset, check.dest_offset + check.size, 0
+            while pos < end:
+                limit = self._final_up_to(pos)
+                if limit < 0:
+                    return
+                while pos < min(limit, end) and not self._stop:
+                    chunk = self._read(view, pos, min(limit, end))
+                    crc = zlib.crc32(chunk, crc)
+                    pos += len(chunk)
+            if crc != check.crc32:
+                raise CrcMismatch(check)
+
+
+def write_archive(
+    src_fd: int,
+    fd: int,
+    temp: str | os.PathLike[str],
+    pieces: Sequence[bytes | Copy],
+    total: int,
+    progress: Callable[[int, int], None] | None,
+) -> str:
+    """Write ``pieces`` (from ``layout_archive``) to ``fd`` (the file ``temp``), copying spans
+    of ``src_fd``; return the output's sha256 once every copied span's CRC is verified."""
+    verifier = ReadBackVerifier(temp, [p for p in pieces if isinstance(p, Copy)])
+    try:
+        pos = 0
+        pending = bytearray()
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                pending += piece
+                continue
+            write_at(fd, pending, pos)
+            pos += len(pending)
+            pending.clear()
+            verifier.advance(pos)
+
+            def on_chunk(done: int, start: int = pos) -> None:
+                verifier.advance(start + done)
+                if progress is not None:
+                    progress(start + done, total)
+
+            copy_range(src_fd, piece.source_offset, fd, pos, piece.size, on_chunk)
+            pos += piece.size
+        write_at(fd, pending, pos)
+        pos += len(pending)
+        if pos != total:
+            raise AssertionError(f"wrote {pos} bytes of a {total}-byte layout")
+        sha256 = verifier.finish(total)
+    except BaseException:
+        verifier.abort()
+        raise
+    if progress is not None:
+        progress(total, total)
+    return sha256
