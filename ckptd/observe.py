@@ -19,6 +19,10 @@ from ckptd.model import Best, EvalRecord, Problem, WorkDirScan
 from ckptd.state import WorkDirState
 from ckptd.units import format_duration
 
+# A checkpoint still incomplete after this long is not being written: it is broken. Writers
+# touch mtime continuously, so even a slow NFS write of a huge file never looks this stale.
+STALE_INCOMPLETE_AFTER = 300.0
+
 
 @dataclass(slots=True)
 class Observation:
@@ -77,6 +81,16 @@ def _judge_completeness(
             verdict, reason = False, f"cannot read: {exc.strerror}"
         if verdict is False:
             scan.checkpoints.append(candidate.as_checkpoint(False, reason))
+            if age > STALE_INCOMPLETE_AFTER:
+                scan.problems.append(
+                    Problem(
+                        candidate.name,
+                        f"{reason}, and unchanged for {format_duration(round(age))}: it looks "
+                        "truncated or corrupt and will never be readable. ckptd neither reads "
+                        "nor deletes it, and holds back deletions here until it is removed or "
+                        "re-saved",
+                    )
+                )
             continue
         scan.checkpoints.append(candidate.as_checkpoint(True))
         still_verified[candidate.name] = candidate.stat

@@ -1,0 +1,100 @@
+"""Shared test helpers: configs, running the CLI, simulated work_dirs, reading artifacts."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CKPTD = [sys.executable, "-m", "ckptd"]
+
+
+def write_config(root: Path, *, watch: dict[str, Any] | None = None, **project: Any) -> Path:
+    """A config with one project over ``root/work_dirs/*``; keyword args override its keys."""
+    body: dict[str, Any] = {"name": "test", "work_dirs": ["./work_dirs/*"]}
+    for key, value in project.items():
+        if isinstance(value, dict) and isinstance(body.get(key), dict):
+            body[key].update(value)
+        else:
+            body[key] = value
+    config = {"projects": [body], "watch": {"settle": "0s", **(watch or {})}}
+    path = root / "ckptd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """Run ``ckptd`` in-process; (exit code, stdout, stderr)."""
+    from ckptd.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse usage errors
+            code = int(exc.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+def cli_process(*args: str, timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CKPTD, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, **kwargs
+    )
+
+
+def simulate(work_dir: Path, **config: Any) -> Path:
+    from ckptd.simulate import SimConfig, SimulatedTrainer
+
+    SimulatedTrainer(work_dir, SimConfig(**config)).run()
+    return work_dir
+
+
+def checkpoints(work_dir: Path) -> list[str]:
+    return sorted(
+        (p.name for p in work_dir.glob("*_*.pth") if not p.name.startswith("best_")),
+        key=lambda n: int(n.rsplit("_", 1)[1].split(".")[0]),
+    )
+
+
+def manifest(artifact_dir: Path) -> dict[str, Any]:
+    return json.loads((artifact_dir / "manifest.json").read_text())
+
+
+def load_weights_only(path: Path) -> dict[str, Any]:
+    import torch
+
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def load_full(path: Path) -> dict[str, Any]:
+    import torch
+
+    return torch.load(path, weights_only=False, map_location="cpu")
+
+
+def assert_same_state_dict(a: dict[str, Any], b: dict[str, Any]) -> None:
+    import torch
+
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        assert torch.equal(a[key], b[key]), key
+
+
+def inventory(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` (not following symlinks) -> (size, mtime_ns)."""
+    found = {}
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            found[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
+    return found
