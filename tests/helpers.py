@@ -44,7 +44,9 @@ def cli(*args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def cli_process(*args: str, timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+def cli_process(
+    *args: str, timeout: float = 120, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*CKPTD, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, **kwargs
     )
