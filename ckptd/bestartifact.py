@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -18,6 +19,8 @@ from ckptd.observe import Observation
 from ckptd.outcome import ArtifactOutcome, PassOptions, Target, WorkDirReport
 from ckptd.state import WorkDirState
 from ckptd.units import format_size
+
+log = logging.getLogger("ckptd.artifact")
 
 
 def keep_keys_for(target: Target, layout: Layout) -> tuple[str, ...]:
@@ -38,6 +41,17 @@ def write_artifact(
     """Slim ``checkpoint`` into the artifact folder; the manifest entry and the seconds taken."""
     from ckptd.slim import slim_checkpoint
 
+    log.info(
+        f"slimming {checkpoint.name} for {best.key}={best.value:g}",
+        extra={
+            "fields": {
+                "work_dir": str(target.work_dir),
+                "action": "slim-start",
+                "checkpoint": checkpoint.name,
+                "bytes": checkpoint.stat.size,
+            }
+        },
+    )
     result = slim_checkpoint(
         target.work_dir / checkpoint.name,
         target.artifact_dir,

@@ -86,4 +86,11 @@ def discovery_folders(loaded: LoadedConfig) -> list[Path]:
                     folders[Path(os.path.abspath(match)).parent] = None
             else:
                 folders[prefix.parent] = None
-    return [f for f in folders if f.is_dir()]
+    # A folder that does not exist yet cannot be watched; its nearest existing ancestor can,
+    # and its creation there triggers a rediscovery.
+    existing: dict[Path, None] = {}
+    for folder in folders:
+        while not folder.is_dir() and folder != folder.parent:
+            folder = folder.parent
+        existing[folder] = None
+    return list(existing)

@@ -26,6 +26,7 @@ def write_config(root: Path, *, watch: dict[str, Any] | None = None, **project: 
         else:
             body[key] = value
     config = {"projects": [body], "watch": {"settle": "0s", **(watch or {})}}
+    root.mkdir(parents=True, exist_ok=True)
     path = root / "ckptd.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

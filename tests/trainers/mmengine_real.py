@@ -151,10 +151,23 @@ def _register() -> None:
                 }
             return {"loss": v, "acc": round(acc, 3)}
 
+    from mmengine.hooks import Hook
+    from mmengine.registry import HOOKS
+
+    class CkptdSlowdownHook(Hook):
+        """Makes each epoch last ``seconds`` so a watcher sees training live."""
+
+        def __init__(self, seconds: float) -> None:
+            self.seconds = seconds
+
+        def before_train_epoch(self, runner: Any) -> None:
+            time.sleep(self.seconds)
+
     for reg, cls in (
         (DATASETS, CkptdToyDataset),
         (MODELS, CkptdToyModel),
         (METRICS, CkptdTableMetric),
+        (HOOKS, CkptdSlowdownHook),
     ):
         reg.register_module(module=cls, force=True)
 
@@ -255,6 +268,7 @@ def build_cfg(
     values: Sequence[float] | None = None,
     optimizer: str = "SGD",
     iter_log_by_epoch: bool = False,
+    epoch_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """The config dict handed to ``Runner.from_cfg`` (kept close to OpenMMLab configs)."""
     ckpt: dict[str, Any] = {
@@ -330,8 +344,13 @@ def build_cfg(
         "load_from": None,
         "default_scope": "mmengine",
     }
+    hooks = []
     if ema:
-        cfg["custom_hooks"] = [{"type": "EMAHook", "momentum": 0.1, "priority": 49}]
+        hooks.append({"type": "EMAHook", "momentum": 0.1, "priority": 49})
+    if epoch_seconds:
+        hooks.append({"type": "CkptdSlowdownHook", "seconds": epoch_seconds})
+    if hooks:
+        cfg["custom_hooks"] = hooks
     return cfg
 
 
@@ -355,6 +374,7 @@ def train(
     iter_log_by_epoch: bool = False,
     weights_only_fix: str = "safe_globals",
     events: str | os.PathLike[str] | None = None,
+    epoch_seconds: float = 0.0,
 ) -> RealRunResult:
     """Train the toy model with ``mmengine.runner.Runner`` into ``work_dir`` (in this process).
 
@@ -393,6 +413,7 @@ def train(
         values=values,
         optimizer=optimizer,
         iter_log_by_epoch=iter_log_by_epoch,
+        epoch_seconds=epoch_seconds,
     )
     t0 = time.perf_counter()
     runner = Runner.from_cfg(Config(cfg))
@@ -439,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--iter-log-by-epoch", action="store_true", help="MMEngine default logging")
     p.add_argument("--events", default=None, help="record write-side fs calls to this file")
+    p.add_argument("--epoch-seconds", type=float, default=0.0, help="sleep before each epoch")
     a = p.parse_args(argv)
     rule = a.rule.split(",") if a.rule and "," in a.rule else a.rule
     res = train(
@@ -460,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         iter_log_by_epoch=a.iter_log_by_epoch,
         weights_only_fix=a.weights_only_fix,
         events=a.events,
+        epoch_seconds=a.epoch_seconds,
     )
     print(f"log_dir={res.log_dir} wall_seconds={res.wall_seconds:.2f}", file=sys.stderr)
     return 0
