@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ckptd.config import load_config
 from ckptd.daemon import Daemon
+from ckptd.logs import use_compact_logging
 from ckptd.reconcile import WorkDirReport
 from ckptd.units import format_size
 
@@ -74,7 +75,6 @@ def _summary(tally: DemoTally, work_dir: Path, elapsed: float) -> str:
     if written:
         saved = 1 - (remaining + artifact_bytes) / written
         lines.append(f"  space saved        {saved:.0%}")
-    lines.append(f"  inspect            ckptd status -c {work_dir.parent.parent / 'ckptd.yaml'}")
     return "\n".join(lines)
 
 
@@ -116,6 +116,7 @@ def run_demo(keep: bool = False, epochs: int = 12, delay: float = 1.2) -> int:
 
     threading.Thread(target=stop_when_trainer_is_done, daemon=True).start()
     daemon.install_signal_handlers()
+    use_compact_logging()
     try:
         daemon.run()
     finally:
@@ -128,7 +129,7 @@ def run_demo(keep: bool = False, epochs: int = 12, delay: float = 1.2) -> int:
         print(f"the simulated trainer failed with exit code {trainer.returncode}")
         return 1
     if keep:
-        print(f"\nkept {root} for inspection")
+        print(f"\nkept {root} for inspection: ckptd status -c {root / 'ckptd.yaml'}")
     else:
         shutil.rmtree(root, ignore_errors=True)
         print(f"\nremoved {root} (use --keep to inspect it)")

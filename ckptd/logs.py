@@ -58,3 +58,22 @@ def setup_logging(fmt: str = "text", verbose: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
+
+
+class CompactFormatter(logging.Formatter):
+    """``12:19:53  delete: epoch_1.pth  (older than the 2 newest; evaluated)`` for the demo."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        fields = _fields(record)
+        why = fields.get("reason") or ""
+        if fields.get("action") == "slim" and fields.get("bytes"):
+            why = f"{int(fields['bytes']) / 2**20:.1f} MiB, meta + state_dict only"
+        return f"{stamp}  {record.getMessage()}" + (f"  ({why})" if why else "")
+
+
+def use_compact_logging() -> None:
+    """One short line per action; the start of each slim is implied by its result."""
+    for handler in logging.getLogger("ckptd").handlers:
+        handler.setFormatter(CompactFormatter())
+        handler.addFilter(lambda record: _fields(record).get("action") != "slim-start")
