@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,7 +101,7 @@ def is_current(
     if not math.isclose(entry.value, best.value, rel_tol=0, abs_tol=0):
         return False
     try:
-        if (folder / entry.file).stat().st_size != entry.bytes:
+        if _artifact_bytes(folder / entry.file) != entry.bytes:
             return False
     except OSError:
         return False
@@ -107,4 +109,16 @@ def is_current(
         return True
     return checkpoint.name == entry.source_checkpoint and checkpoint.stat == FileStat(
         *entry.source_stat
+    )
+
+
+def _artifact_bytes(path: Path) -> int:
+    """A file's size; for a folder artifact (Hugging Face), the bytes of the files in it."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size
+    return sum(
+        e.stat(follow_symlinks=False).st_size
+        for e in os.scandir(path)
+        if e.is_file(follow_symlinks=False)
     )

@@ -7,7 +7,7 @@ accept ``inf`` as a best score, ckptd never lets a non-finite value become best.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ckptd.config import BestConfig
@@ -62,17 +62,29 @@ class MetricChoice:
 
 
 def resolve_metrics(
-    config: BestConfig, records: Sequence[EvalRecord]
+    config: BestConfig,
+    records: Sequence[EvalRecord],
+    auto: Sequence[tuple[str, str | None]] = (),
+    infer: Callable[[str], str] = infer_rule,
 ) -> tuple[list[MetricChoice], list[Problem]]:
-    """Which keys decide 'best', and by which rule. Empty until the first evaluation for 'auto'."""
+    """Which keys decide 'best', and by which rule. Empty until the first evaluation for 'auto'.
+
+    ``auto``: the trainer's own (key, rule or None) choices, which 'auto' follows when given;
+    ``infer``: the trainer's rule for a key given without one.
+    """
+    trainer_rules: dict[str, str | None] = {}
     if config.metric == "auto":
         if not records:
             return [], []
-        first = records[0]
-        if not first.metrics:
-            where = f"{first.source}:{first.line}"
-            return [], [Problem(where, "the first evaluation record has no numeric metric")]
-        keys = [next(iter(first.metrics))]
+        if auto:
+            trainer_rules = dict(auto)
+            keys = list(trainer_rules)
+        else:
+            first = records[0]
+            if not first.metrics:
+                where = f"{first.source}:{first.line}"
+                return [], [Problem(where, "the first evaluation record has no numeric metric")]
+            keys = [next(iter(first.metrics))]
     else:
         keys = list(config.metric)
     choices: list[MetricChoice] = []
@@ -80,8 +92,10 @@ def resolve_metrics(
     for i, key in enumerate(keys):
         rule = config.rule_for(i)
         if rule == "auto":
+            rule = trainer_rules.get(key) or "auto"
+        if rule == "auto":
             try:
-                rule = infer_rule(key)
+                rule = infer(key)
             except BestMetricError as exc:
                 problems.append(Problem(f"best.metric {key!r}", str(exc)))
                 continue

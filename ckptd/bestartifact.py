@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ckptd import artifacts
 from ckptd.artifacts import ArtifactEntry
+from ckptd.fsdelete import NotPlainTree, remove_own_folder
 from ckptd.fsutil import remove_stale_temp_files
 from ckptd.layouts.base import Layout
 from ckptd.model import Best, Checkpoint
@@ -31,16 +32,16 @@ def keep_keys_for(target: Target, layout: Layout) -> tuple[str, ...]:
 def _final_name(target: Target, name: str) -> str | Callable[[str], str]:
     if not target.project.artifact.hash_in_name:
         return name
-    stem = name.removesuffix(".pth")
-    return lambda sha256: f"{stem}-{sha256[:8]}.pth"
+    # best_..._epoch_N.pth -> best_..._epoch_N-<sha8>.pth; folder artifacts have no suffix
+    suffix = next((s for s in (".pth", ".ckpt") if name.endswith(s)), "")
+    stem = name.removesuffix(suffix) if suffix else name
+    return lambda sha256: f"{stem}-{sha256[:8]}{suffix}"
 
 
 def write_artifact(
     target: Target, layout: Layout, best: Best, checkpoint: Checkpoint, options: PassOptions
 ) -> tuple[ArtifactEntry, float]:
     """Slim ``checkpoint`` into the artifact folder; the manifest entry and the seconds taken."""
-    from ckptd.slim import slim_checkpoint
-
     log.info(
         f"slimming {checkpoint.name} for {best.key}={best.value:g}",
         extra={
@@ -52,12 +53,12 @@ def write_artifact(
             }
         },
     )
-    result = slim_checkpoint(
+    result = layout.write_artifact(
         target.work_dir / checkpoint.name,
         target.artifact_dir,
         _final_name(target, layout.artifact_name(best.key, checkpoint)),
-        keep_keys=keep_keys_for(target, layout),
-        progress=options.progress,
+        keep_keys_for(target, layout),
+        options.progress,
     )
     meta = getattr(result, "meta", None) or {}
     entry = ArtifactEntry(
@@ -183,8 +184,11 @@ def remove_replaced_artifacts(
         if name in current:
             survivors.append(name)
         elif _plain_name(name):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(folder / name)
+            with contextlib.suppress(FileNotFoundError, NotPlainTree):
+                if (folder / name).is_dir() and not (folder / name).is_symlink():
+                    remove_own_folder(folder, name)  # a folder artifact (Hugging Face)
+                else:
+                    os.unlink(folder / name)
     state.own_artifacts = survivors
 
 

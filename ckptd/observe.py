@@ -138,7 +138,15 @@ def observe(
     read = layout.read_evals(work_dir, state.sources, unit)
     scan.problems.extend(read.problems)
     records = layout.as_evaluated(supersede_resumed(read.records))
-    choices, choice_problems = resolve_metrics(project.best, records)
+    found = (
+        layout.auto_metrics(work_dir, scan, records)
+        if project.best.metric == "auto" and records
+        else []
+    )
+    notes = [f"best.metric auto follows the trainer: {a.key} ({a.why})" for a in found]
+    choices, choice_problems = resolve_metrics(
+        project.best, records, [(a.key, a.rule) for a in found], layout.infer_rule
+    )
     scan.problems.extend(choice_problems)
 
     bests: dict[str, Best] = {}
@@ -164,4 +172,5 @@ def observe(
         ready=ready,
         verified=verified,
         unit=unit,
+        notes=notes,
     )

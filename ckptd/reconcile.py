@@ -7,14 +7,13 @@ unchanged since it was planned.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from ckptd import artifacts
 from ckptd.bestartifact import ensure_artifacts
-from ckptd.fsutil import FileStat
-from ckptd.layouts import LayoutError, choose_layout
+from ckptd.fsdelete import delete_checkpoint, remove_stale_temp_dirs
+from ckptd.layouts import LayoutError, choose_layout, no_layout_reason
 from ckptd.layouts.base import Layout
 from ckptd.observe import Observation, observe
 from ckptd.outcome import (
@@ -31,24 +30,14 @@ __all__ = ["ArtifactOutcome", "PassOptions", "Target", "WorkDirReport", "reconci
 
 
 def _delete(work_dir: Path, decision: Decision) -> DeleteOutcome:
-    """Unlink one checkpoint through a handle on the work_dir, if it is still what was planned."""
-    name = decision.checkpoint.name
-    if "/" in name or name in ("", ".", ".."):
-        return DeleteOutcome(decision, False, "not a plain file name in the work_dir; left alone")
-    dir_fd = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """Remove one checkpoint (file or folder, possibly nested) if it is still what was planned."""
     try:
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return DeleteOutcome(decision, True, "already gone")
-        if FileStat.of(st) != decision.checkpoint.stat or not os.path.stat.S_ISREG(st.st_mode):
-            return DeleteOutcome(decision, False, "changed since it was planned; left for later")
-        os.unlink(name, dir_fd=dir_fd)
-        return DeleteOutcome(decision, True)
+        done, detail = delete_checkpoint(
+            work_dir, decision.checkpoint.name, decision.checkpoint.stat
+        )
     except OSError as exc:
         return DeleteOutcome(decision, False, f"cannot delete: {exc.strerror}")
-    finally:
-        os.close(dir_fd)
+    return DeleteOutcome(decision, done, detail)
 
 
 def _policy_input(observation: Observation, now: float) -> PolicyInput:
@@ -84,6 +73,7 @@ def _act(
         return
     if options.dry_run or target.project.dry_run:
         return
+    remove_stale_temp_dirs(target.work_dir)  # trash of a deletion a crash interrupted
     for decision in report.plan.deletions:
         outcome = _delete(target.work_dir, decision)
         report.deletions.append(outcome)
@@ -132,9 +122,9 @@ def reconcile(
 def _reconcile_locked(
     target: Target, options: PassOptions, lock: WorkDirLock, dry_run: bool, report: WorkDirReport
 ) -> None:
-    layout = choose_layout(target.work_dir, target.project.layout)
+    layout = choose_layout(target.work_dir, target.project.layout, target.project)
     if layout is None:
-        report.skipped = "does not look like a work_dir of a supported trainer (yet)"
+        report.skipped = no_layout_reason()
         return
     report.layout = layout.name
     if target.artifact_dir.resolve() == target.work_dir.resolve():
@@ -164,6 +154,7 @@ def _reconcile_locked(
     report.notes.extend(str(p) for p in observation.problems if not p.blocking)
     if observation.scan.resume_note:
         report.notes.append(observation.scan.resume_note)
+    report.notes.extend(observation.notes)
     _act(target, layout, observation, state, options, report)
     if report.plan is not None:
         report.notes.extend(report.plan.notes)

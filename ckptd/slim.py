@@ -318,11 +318,14 @@ def slim_checkpoint(
     final_name: str | Callable[[str], str],
     keep_keys: Sequence[str] = DEFAULT_KEEP_KEYS,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    optional_keys: Sequence[str] = (),
 ) -> SlimResult:
     """Write ``dest_dir/final_name`` holding only ``keep_keys`` of the checkpoint ``src``.
 
     ``final_name`` may be a callable that receives the output's sha256 (hex) and returns the
     name. ``progress(done, total)`` gets output bytes; an exception raised by it aborts the slim.
+    Keys of ``keep_keys`` also in ``optional_keys`` are kept when present, skipped when not.
     Raises a ``SlimError`` subclass naming the file; on any error no output or temp file stays.
     """
     started = time.perf_counter()
@@ -334,10 +337,12 @@ def slim_checkpoint(
         _refuse_overwriting_source(src, dest_dir / _check_name(final_name))
     source = _Source(src)
     try:
-        missing = [k for k in keep if k not in source.mapping]
+        missing = [k for k in keep if k not in source.mapping and k not in optional_keys]
         if missing:
             raise MissingKeysError(src, missing, [str(k) for k in source.mapping])
         kept = tuple(k for k in source.mapping if k in keep)
+        if not kept:
+            raise MissingKeysError(src, keep, [str(k) for k in source.mapping])
         dropped = tuple(str(k) for k in source.mapping if k not in keep)
         plan = _StoragePlan(source)
         data_pkl = _new_pickle(source, kept, plan)

@@ -11,14 +11,18 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ckptd.fsutil import FileStat
 from ckptd.logtail import Cursor, read_new_lines
-from ckptd.model import Checkpoint, EvalRecord, Problem, Skipped
+from ckptd.model import Checkpoint, EvalRecord, Problem, Skipped, WorkDirScan
+
+if TYPE_CHECKING:
+    from ckptd.config import ProjectConfig
+    from ckptd.slim import SlimResult
 
 # Bigger than any resume pointer a trainer writes; a larger file is not one.
 MAX_POINTER_BYTES = 4096
@@ -31,13 +35,19 @@ class SourceState:
     cursor: Cursor = field(default_factory=Cursor)
     records: list[EvalRecord] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    # What a layout needs to read on from the cursor (e.g. a CSV header), or to tell that the
+    # source is no longer the one it read (e.g. a whole-file JSON's stat).
+    info: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "cursor": self.cursor.to_json(),
             "records": [[r.index, r.line, r.metrics] for r in self.records],
             "problems": [[p.where, p.message, p.blocking] for p in self.problems],
         }
+        if self.info:
+            data["info"] = dict(self.info)
+        return data
 
     @classmethod
     def from_json(cls, source: str, data: dict[str, Any]) -> SourceState:
@@ -48,6 +58,7 @@ class SourceState:
                 for i, line, m in data.get("records", [])
             ],
             problems=[Problem(str(w), str(m), bool(b)) for w, m, b in data.get("problems", [])],
+            info={str(k): str(v) for k, v in data.get("info", {}).items()},
         )
 
 
@@ -56,6 +67,15 @@ class EvalRead:
     records: list[EvalRecord]  # across all sources, in trainer order
     sources: dict[str, SourceState]  # keyed by path relative to the work_dir
     problems: list[Problem]
+
+
+@dataclass(frozen=True, slots=True)
+class AutoMetric:
+    """What ``best.metric: auto`` means for a trainer whose files name its own choice."""
+
+    key: str
+    rule: str | None  # None: infer it from the key
+    why: str  # shown to the user, e.g. "ModelCheckpoint(monitor='val_acc', mode='max')"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +93,16 @@ class Candidate:
 
 class Layout(ABC):
     name: ClassVar[str]
+    # What the artifact keeps with ``artifact.keep_keys: auto``; a trailing '?' marks a key
+    # that is kept when present and skipped silently when not.
     default_keep_keys: ClassVar[tuple[str, ...]]
+    # What ``detect`` looks for, for the message when no layout matches.
+    signature: ClassVar[str] = ""
+
+    @classmethod
+    def from_project(cls, project: ProjectConfig | None) -> Layout:
+        """An instance configured for ``project`` (layouts without options ignore it)."""
+        return cls()
 
     @classmethod
     @abstractmethod
@@ -106,9 +135,54 @@ class Layout(ABC):
         """Undo what the trainer's logger did to metric values (none by default)."""
         return records
 
+    def auto_metrics(
+        self, work_dir: Path, scan: WorkDirScan, records: list[EvalRecord]
+    ) -> list[AutoMetric]:
+        """The trainer's own best metric(s) when its files say; empty: the first key of the
+        first evaluation record, like MMEngine's ``save_best='auto'``."""
+        return []
+
+    def infer_rule(self, key: str) -> str:
+        """greater/less for a metric given without a rule (MMEngine's inference by default)."""
+        from ckptd.best import infer_rule
+
+        return infer_rule(key)
+
+    def write_artifact(
+        self,
+        source: Path,
+        dest_dir: Path,
+        final_name: str | Callable[[str], str],
+        keep_keys: Sequence[str],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> SlimResult:
+        """Write the best artifact of checkpoint ``source`` into ``dest_dir``, atomically.
+
+        By default a torch zip checkpoint is slimmed to ``keep_keys``; a key with a trailing
+        '?' is optional (skipped silently when the checkpoint does not have it).
+        """
+        from ckptd.slim import slim_checkpoint
+
+        required, optional = split_keep_keys(keep_keys)
+        return slim_checkpoint(
+            source,
+            dest_dir,
+            final_name,
+            keep_keys=(*required, *optional),
+            progress=progress,
+            optional_keys=optional,
+        )
+
     def watch_folders(self, work_dir: Path) -> list[Path]:
         """Folders whose direct entries change when the trainer writes (never whole trees)."""
         return [work_dir]
+
+
+def split_keep_keys(keys: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(required, optional) keys; optional ones are written with a trailing '?'."""
+    required = tuple(k for k in keys if not k.endswith("?"))
+    optional = tuple(k[:-1] for k in keys if k.endswith("?") and k[:-1])
+    return required, optional
 
 
 def lstat_or_none(path: Path) -> os.stat_result | None:

@@ -78,6 +78,7 @@ def _parse_val(data: dict[str, Any], source: str, line: int) -> EvalRecord | Non
 class MMEngineLayout(Layout):
     name: ClassVar[str] = "mmengine"
     default_keep_keys: ClassVar[tuple[str, ...]] = ("meta", "state_dict")
+    signature: ClassVar[str] = "last_checkpoint or <timestamp>/vis_data/scalars.json"
 
     @classmethod
     def detect(cls, work_dir: Path) -> bool:
