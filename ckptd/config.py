@@ -28,7 +28,7 @@ Duration = Annotated[
 ]
 Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size, return_type=str)]
 
-LAYOUT_NAMES = ("mmengine",)
+LAYOUT_NAMES = ("mmengine", "mmcv", "lightning", "hf")
 Rule = Literal["greater", "less"]
 ARTIFACT_DIR_FIELDS = {"work_dir", "project", "run"}
 
@@ -131,6 +131,27 @@ class ArtifactConfig(_Strict):
         return value
 
 
+class LightningConfig(_Strict):
+    # Folders (relative to the work_dir) where ModelCheckpoint(dirpath=...) writes, besides
+    # <logger>/version_N/checkpoints and checkpoints/.
+    checkpoint_dirs: list[str] = Field(default_factory=list)
+
+    @field_validator("checkpoint_dirs")
+    @classmethod
+    def _inside_work_dir(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parts = item.replace("\\", "/").split("/")
+            if not item or item.startswith(("/", "~")) or ".." in parts:
+                raise ValueError(
+                    f"{item!r} must be a folder inside the work_dir, given relative to it "
+                    "(e.g. 'ckpts' for ModelCheckpoint(dirpath='<work_dir>/ckpts')); ckptd "
+                    "never deletes outside the work_dir"
+                )
+            if any(c in item for c in "*?["):
+                raise ValueError(f"{item!r}: wildcards are not supported; list each folder")
+        return value
+
+
 class ProjectConfig(_Strict):
     name: str = Field(min_length=1)
     work_dirs: list[str] = Field(min_length=1)
@@ -138,7 +159,17 @@ class ProjectConfig(_Strict):
     best: BestConfig = BestConfig()
     retention: RetentionConfig = RetentionConfig()
     artifact: ArtifactConfig = ArtifactConfig()
+    lightning: LightningConfig = LightningConfig()
     dry_run: bool = False
+
+    @model_validator(mode="after")
+    def _layout_options_match(self) -> ProjectConfig:
+        if self.lightning.checkpoint_dirs and self.layout not in ("auto", "lightning"):
+            raise ValueError(
+                f"lightning.checkpoint_dirs applies to Lightning work_dirs, but layout is "
+                f"{self.layout!r}; remove it or set layout: lightning"
+            )
+        return self
 
 
 class WatchConfig(_Strict):

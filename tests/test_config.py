@@ -102,7 +102,7 @@ def test_single_metric_string_becomes_a_list(tmp_path: Path) -> None:
         ("best: {metric: [a, b], rule: [greater]}", "rule lists 1 entries but metric lists 2"),
         ("best: {metric: auto, rule: [greater]}", "with metric: auto, rule must be one of"),
         ("best: {metric: []}", "projects[0].best.metric"),
-        ("layout: tensorflow", "projects[0].layout: Input should be 'auto' or"),
+        ("layout: tensorflow", "projects[0].layout: Input should be 'auto', 'mmengine', 'mmcv'"),
         ("artifact: {dir: '{wd}/best'}", "unknown placeholder {wd}"),
         ("artifact: {keep_keys: []}", "projects[0].artifact.keep_keys"),
         ("dry_run: maybe", "projects[0].dry_run"),

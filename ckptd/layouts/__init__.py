@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptd.layouts.base import Layout
+from ckptd.layouts.hf import HFLayout
+from ckptd.layouts.lightning import LightningLayout
+from ckptd.layouts.mmcv import MMCVLayout
 from ckptd.layouts.mmengine import MMEngineLayout
 
 if TYPE_CHECKING:
@@ -13,6 +16,9 @@ if TYPE_CHECKING:
 
 LAYOUTS: dict[str, type[Layout]] = {
     MMEngineLayout.name: MMEngineLayout,
+    MMCVLayout.name: MMCVLayout,
+    LightningLayout.name: LightningLayout,
+    HFLayout.name: HFLayout,
 }
 
 

@@ -1,0 +1,271 @@
+"""Hugging Face ``Trainer`` output_dirs: one ``checkpoint-N/`` folder per save.
+
+Measured on transformers 5.x (see DESIGN.md): ``_save_checkpoint`` writes the model
+(``model.safetensors`` or shards + index, ``config.json``), then ``training_args.bin``,
+``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth`` and last ``trainer_state.json``, all in
+place. So a folder is complete when its ``trainer_state.json`` parses and says
+``global_step == N``, and no temporary ``.tmp*`` file is inside. ``trainer_state.json`` holds the
+whole ``log_history``; evaluation entries carry ``eval_*`` keys and the ``step`` they evaluated,
+which is the N of the folder saved right after. ``resume_from_checkpoint=True`` resumes from the
+highest N.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ckptd.fsdelete import NotPlainTree, tree_stat
+from ckptd.layouts.base import AutoMetric, Candidate, EvalRead, Layout, SourceState
+from ckptd.layouts.peek import object_state, peek
+from ckptd.logtail import Cursor
+from ckptd.model import Checkpoint, EvalRecord, Problem, Skipped, WorkDirScan
+
+if TYPE_CHECKING:
+    from ckptd.slim import SlimResult
+
+FOLDER = re.compile(r"checkpoint-(\d+)")
+STATE = "trainer_state.json"
+ARGS = "training_args.bin"
+# A year of logging every step is ~100 MB of log_history; a larger file is not a Trainer's.
+MAX_STATE_BYTES = 512 * 1024 * 1024
+MAX_ARGS_PICKLE = 4 * 1024 * 1024
+# eval_* keys that describe the evaluation run, not the model.
+NOT_METRICS = re.compile(
+    r"eval_(runtime|samples_per_second|steps_per_second|model_preparation_time)"
+)
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(".tmp") or name.endswith(".tmp")
+
+
+def hf_rule(key: str) -> str:
+    """TrainingArguments' default: greater unless metric_for_best_model ends with 'loss'."""
+    return "less" if key.endswith("loss") else "greater"
+
+
+def _folders(work_dir: Path) -> list[tuple[int, os.DirEntry[str]]]:
+    try:
+        entries = list(os.scandir(work_dir))
+    except OSError:
+        return []
+    found = [(int(m.group(1)), e) for e in entries if (m := FOLDER.fullmatch(e.name))]
+    return sorted(found, key=lambda item: item[0])
+
+
+def _load_state(path: Path) -> dict[str, Any] | None:
+    """trainer_state.json as a dict, or None while it is missing or not complete JSON."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_size > MAX_STATE_BYTES:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    return data if isinstance(data, dict) else None
+
+
+def _best_args(root: Any) -> tuple[str | None, bool | None]:
+    state = object_state(root)
+    metric, greater = state.get("metric_for_best_model"), state.get("greater_is_better")
+    return (
+        metric if isinstance(metric, str) and metric else None,
+        greater if isinstance(greater, bool) else None,
+    )
+
+
+def _records(data: dict[str, Any], rel: str) -> tuple[list[EvalRecord], list[Problem]]:
+    history = data.get("log_history")
+    if not isinstance(history, list):
+        return [], [Problem(rel, "has no log_history list; is it a Trainer's trainer_state.json?")]
+    records, problems = [], []
+    for i, entry in enumerate(history, 1):
+        if not isinstance(entry, dict):
+            continue
+        metrics = {
+            k: float(v)
+            for k, v in entry.items()
+            if k.startswith("eval_")
+            and not NOT_METRICS.fullmatch(k)
+            and isinstance(v, int | float)
+            and not isinstance(v, bool)
+        }
+        if not metrics:
+            continue
+        step = entry.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            problems.append(Problem(f"{rel}:{i}", f"evaluation entry with step {step!r}"))
+            continue
+        records.append(EvalRecord(step, metrics, rel, i))
+    return records, problems
+
+
+class HFLayout(Layout):
+    name: ClassVar[str] = "hf"
+    # For this layout keep_keys are file names or globs inside checkpoint-N/.
+    default_keep_keys: ClassVar[tuple[str, ...]] = (
+        "model.safetensors?",
+        "model-*-of-*.safetensors",
+        "model.safetensors.index.json?",
+        "pytorch_model.bin?",
+        "pytorch_model-*-of-*.bin",
+        "pytorch_model.bin.index.json?",
+        "config.json?",
+        "generation_config.json?",
+    )
+    signature: ClassVar[str] = "checkpoint-N/ folders"
+
+    def __init__(self) -> None:
+        self._source: SourceState | None = None  # the trainer_state.json metrics came from
+        self._source_folder: Path | None = None
+
+    @classmethod
+    def detect(cls, work_dir: Path) -> bool:
+        return any(e.is_dir(follow_symlinks=False) for _, e in _folders(work_dir))
+
+    def list_checkpoints(self, work_dir: Path) -> tuple[list[Candidate], list[Skipped]]:
+        candidates: list[Candidate] = []
+        skipped: list[Skipped] = []
+        for step, entry in _folders(work_dir):
+            if entry.is_symlink():
+                skipped.append(Skipped(entry.name, "a symlink; ckptd never deletes or follows it"))
+                continue
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                stat = tree_stat(Path(entry.path))
+            except NotPlainTree as exc:
+                skipped.append(Skipped(entry.name, f"{exc}; ckptd never deletes such a folder"))
+                continue
+            except FileNotFoundError:
+                continue
+            candidates.append(Candidate(entry.name, "step", step, stat))
+        return candidates, skipped
+
+    def format_check(self, path: Path) -> tuple[bool | None, str]:
+        temporary = sorted(n for n in os.listdir(path) if is_temporary(n))
+        if temporary:
+            return False, f"holds {temporary[0]}, so it is still being written"
+        data = _load_state(path / STATE)
+        if data is None:
+            if not (path / STATE).exists():
+                return False, f"no {STATE} yet (the Trainer writes it last)"
+            return False, f"{STATE} is not complete JSON yet"
+        step = int(FOLDER.fullmatch(path.name).group(1))  # type: ignore[union-attr]
+        if data.get("global_step") != step:
+            return False, f"{STATE} says global_step {data.get('global_step')!r}, not {step}"
+        return True, ""
+
+    def resume_target(self, work_dir: Path, names: set[str]) -> tuple[str | None, str]:
+        # get_last_checkpoint: the highest checkpoint-N that is a folder, symlinks followed
+        folders = [e for _, e in _folders(work_dir) if e.is_dir()]
+        if not folders:
+            return None, ""
+        last = folders[-1]
+        if not last.is_symlink():
+            return (last.name if last.name in names else None), ""
+        text = os.readlink(last.path)  # read, never followed
+        base = os.path.basename(text.rstrip("/"))
+        inside = os.path.dirname(text.rstrip("/")) in ("", ".", str(work_dir))
+        if inside and base in names:
+            return base, f"{last.name} is a symlink to {base}, which resume_from_checkpoint uses"
+        return None, f"{last.name} is a symlink to {text!r}, which resume_from_checkpoint uses"
+
+    def read_evals(
+        self, work_dir: Path, previous: dict[str, SourceState], unit: str | None
+    ) -> EvalRead:
+        """Evaluations from the newest complete folder's log_history, which holds them all."""
+        for _, entry in reversed(_folders(work_dir)):
+            path = Path(entry.path) / STATE
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except OSError:
+                continue
+            rel = f"{entry.name}/{STATE}"
+            stamp = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+            state = previous.get(rel)
+            if state is None or state.info.get("stat") != stamp:
+                if self.format_check(Path(entry.path))[0] is not True:
+                    continue
+                data = _load_state(path)
+                if data is None:
+                    continue
+                records, problems = _records(data, rel)
+                info = {"stat": stamp}
+                if isinstance(data.get("best_metric"), int | float):
+                    info["best_metric"] = repr(float(data["best_metric"]))
+                if isinstance(data.get("best_global_step"), int):
+                    info["best_global_step"] = str(data["best_global_step"])
+                state = SourceState(Cursor(st.st_ino, st.st_size), records, problems, info)
+            self._source, self._source_folder = state, Path(entry.path)
+            return EvalRead(list(state.records), {rel: state}, list(state.problems))
+        return EvalRead([], {}, [])
+
+    def infer_rule(self, key: str) -> str:
+        return hf_rule(key)
+
+    def auto_metrics(
+        self, work_dir: Path, scan: WorkDirScan, records: list[EvalRecord]
+    ) -> list[AutoMetric]:
+        """The Trainer's metric_for_best_model, read from training_args.bin without running it;
+        else the eval key whose value is trainer_state.json's best_metric at best_global_step;
+        else eval_loss (the Trainer's default); else the first key, as for MMEngine."""
+        folder = self._source_folder
+        if folder is not None:
+            metric, greater = peek(folder / ARGS, "hf-args", MAX_ARGS_PICKLE, _best_args) or (
+                None,
+                None,
+            )
+            if metric:
+                key = metric if metric.startswith("eval_") else f"eval_{metric}"
+                rule = hf_rule(metric) if greater is None else ("greater" if greater else "less")
+                why = (
+                    f"metric_for_best_model={metric!r}, greater_is_better={greater} in "
+                    f"{folder.name}/{ARGS}"
+                )
+                return [AutoMetric(key, rule, why)]
+        info = self._source.info if self._source else {}
+        if "best_metric" in info and "best_global_step" in info:
+            value, step = float(info["best_metric"]), int(info["best_global_step"])
+            at = [r for r in records if r.index == step]
+            keys = [k for r in at for k, v in r.metrics.items() if v == value]
+            if len(keys) == 1 and math.isfinite(value):
+                why = f"{ARGS} unreadable; the eval key equal to best_metric at best_global_step"
+                return [AutoMetric(keys[0], None, why)]
+        if records and "eval_loss" in records[0].metrics:
+            return [AutoMetric("eval_loss", "less", "the Trainer's default metric_for_best_model")]
+        return []
+
+    def artifact_name(self, key: str, checkpoint: Checkpoint) -> str:
+        return f"best_{key}_{checkpoint.unit}_{checkpoint.index}".replace("/", "_")
+
+    def write_artifact(
+        self,
+        source: Path,
+        dest_dir: Path,
+        final_name: str | Callable[[str], str],
+        keep_keys: Sequence[str],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> SlimResult:
+        """A folder with the model files (keep_keys are names or globs), see folderartifact."""
+        from ckptd.folderartifact import copy_folder_artifact
+
+        return copy_folder_artifact(source, dest_dir, final_name, keep_keys, progress)
+
+    def watch_folders(self, work_dir: Path) -> list[Path]:
+        # trainer_state.json lands inside the folder, last: watch the folders, not just the root.
+        folders = [work_dir]
+        folders += [Path(e.path) for _, e in _folders(work_dir) if e.is_dir(follow_symlinks=False)]
+        return folders

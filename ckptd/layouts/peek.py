@@ -1,0 +1,74 @@
+"""Read a trainer's own settings out of a torch zip file without running any of it.
+
+Lightning's ``ModelCheckpoint`` monitor/mode live in a checkpoint's ``callbacks`` state and the
+Hugging Face Trainer's ``metric_for_best_model`` in ``training_args.bin``; both are pickles. The
+restricted unpickler (``ckptd.safepickle``) turns every object into an inert record, so reading
+them never imports or calls anything from the file. Results are cached by (path, stat): a file
+is parsed once, not on every pass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ckptd.fsutil import FileStat
+from ckptd.safepickle import Inert, PickleRejected, load_inert, top_level
+from ckptd.slimerrors import SlimError
+from ckptd.torchzip import SourceArchive
+
+T = TypeVar("T")
+_CACHE: OrderedDict[tuple[str, FileStat, str], Any] = OrderedDict()
+_CACHE_SIZE = 64
+
+
+def read_inert_root(path: Path, max_pickle: int) -> Any:
+    """The inert ``data.pkl`` tree of a torch zip file (OSError, SlimError, PickleRejected)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        archive = SourceArchive(path, fd, os.fstat(fd).st_size)
+        return load_inert(archive.read("data.pkl", max_pickle))
+    finally:
+        os.close(fd)
+
+
+def peek(path: Path, what: str, max_pickle: int, extract: Callable[[Any], T]) -> T | None:
+    """``extract(inert root)`` for the file at ``path``, cached by its stat; None if unreadable."""
+    try:
+        stat = FileStat.of(os.stat(path, follow_symlinks=False))
+    except OSError:
+        return None
+    key = (str(path), stat, what)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    try:
+        value = extract(read_inert_root(path, max_pickle))
+    except (OSError, SlimError, PickleRejected, ValueError, TypeError, KeyError):
+        value = None
+    _CACHE[key] = value
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return value
+
+
+def top_mapping(root: Any) -> dict[Any, Any]:
+    mapping = top_level(root)
+    if mapping is None:
+        raise ValueError("not a mapping at the top level")
+    return mapping[0]
+
+
+def object_state(obj: Any) -> dict[Any, Any]:
+    """The attribute dict a pickled object was built with (its BUILD state), or {}."""
+    if not isinstance(obj, Inert):
+        return {}
+    for op in obj.ops or ():
+        if op[0] == "build" and isinstance(op[1], dict):
+            return op[1]
+        if op[0] == "build" and isinstance(op[1], tuple) and op[1] and isinstance(op[1][0], dict):
+            return op[1][0]  # (state, slotstate)
+    return {}

@@ -1,0 +1,169 @@
+"""The mmcv 1.x (MMDetection 2.x) layout, on files written to the documented format.
+
+Installing mmcv 1.x with a working runner next to torch 2.13 is impractical (it needs a
+compiled mmcv-full for an old torch), so these tests do not run the real trainer. They write a
+work_dir the way mmcv 1.x's ``EpochBasedRunner`` does: ``epoch_N.pth`` via ``torch.save`` with
+``meta`` holding ``CLASSES`` and ``hook_msgs``; ``latest.pth`` a relative symlink to the newest
+checkpoint; per launch a ``<timestamp>.log.json`` whose first line is the run's meta
+(``env_info``, ``config``, ``seed``, ``exp_name``), then ``"mode": "train"`` lines and, after each
+checkpoint, a ``"mode": "val"`` line with the 1-based ``epoch``, the val loader length as
+``iter``, ``lr``, the metrics and the ``bbox_mAP_copypaste`` string. mmcv's ``EvalHook`` picks
+the best with the same rules as MMEngine's (first key for ``save_best='auto'``, greater for
+``mAP``, strict improvement) and names it ``best_bbox_mAP_epoch_N.pth``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptd.layouts import LayoutError, choose_layout, detect_layouts
+from ckptd.layouts.mmcv import MMCVLayout
+from tests.helpers import (
+    assert_same_state_dict,
+    checkpoints,
+    cli,
+    load_full,
+    load_weights_only,
+    manifest,
+    write_config,
+)
+
+CLASSES = ("person", "bicycle", "car")
+# strict maximum at epoch 4; the tie at epoch 6 must not win (mmcv compares with '>')
+VALUES = (0.3, 0.45, 0.4, 0.5, 0.48, 0.5, 0.46, 0.49)
+
+
+def launch(work_dir: Path, timestamp: str, epochs: range, values: tuple[float, ...]) -> None:
+    """One mmcv 1.x launch: checkpoints, the latest.pth symlink and <timestamp>.log.json."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(epochs.start)
+    log = work_dir / f"{timestamp}.log.json"
+    meta_line = {
+        "env_info": "sys.platform: linux\nPython: 3.8.10\nPyTorch: 1.12.1",
+        "config": "model = dict(type='RetinaNet')\n",
+        "seed": 0,
+        "exp_name": "retinanet_r50_fpn_1x_coco.py",
+    }
+    with log.open("a") as f:
+        f.write(json.dumps(meta_line) + "\n")
+    for epoch in epochs:
+        with log.open("a") as f:
+            for it in (50, 100):
+                train = {"mode": "train", "epoch": epoch, "iter": it, "lr": 0.01, "memory": 2200}
+                train |= {"data_time": 0.05, "loss_cls": 0.8, "loss_bbox": 0.5, "loss": 1.3}
+                f.write(json.dumps({**train, "time": 0.4}) + "\n")
+        state_dict = {"backbone.weight": torch.randn(4, 3), "bbox_head.bias": torch.randn(3)}
+        best = max(values[:epoch])
+        checkpoint = {
+            "meta": {
+                "mmcv_version": "1.7.1",
+                "time": "Mon Jan  1 12:00:00 2024",
+                "CLASSES": CLASSES,
+                "epoch": epoch,
+                "iter": epoch * 100,
+                "hook_msgs": {
+                    "last_ckpt": str(work_dir / f"epoch_{epoch}.pth"),
+                    "best_score": best,
+                },
+                "config": "model = dict(type='RetinaNet')\n",
+            },
+            "state_dict": state_dict,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.01, "params": [0, 1]}]},
+        }
+        torch.save(checkpoint, work_dir / f"epoch_{epoch}.pth")
+        latest = work_dir / "latest.pth"
+        if latest.is_symlink():
+            latest.unlink()
+        os.symlink(f"epoch_{epoch}.pth", latest)  # mmcv.symlink(filename, dst): relative
+        value = values[epoch - 1]
+        val = {"mode": "val", "epoch": epoch, "iter": 625, "lr": 0.01, "bbox_mAP": value}
+        val |= {"bbox_mAP_50": value + 0.2, "bbox_mAP_copypaste": f"{value} {value + 0.2} 0.1"}
+        with log.open("a") as f:
+            f.write(json.dumps(val) + "\n")
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    work_dir = tmp_path / "work_dirs" / "retinanet"
+    launch(work_dir, "20240101_120000", range(1, 7), VALUES)
+    write_config(tmp_path)
+    return work_dir
+
+
+def once(run: Path) -> str:
+    code, out, err = cli("once", "-c", str(run.parent.parent / "ckptd.yaml"))
+    assert code == 0, out + err
+    return out
+
+
+def test_best_kept_set_and_artifact(run: Path) -> None:
+    assert detect_layouts(run) == ["mmcv"]
+    best = load_full(run / "epoch_4.pth")
+    out = once(run)
+    assert "[mmcv]" in out and "bbox_mAP = 0.5 (greater) at epoch 4" in out
+    assert checkpoints(run) == ["epoch_5.pth", "epoch_6.pth"]
+    assert os.readlink(run / "latest.pth") == "epoch_6.pth"
+    artifact = run / "best" / "best_bbox_mAP_epoch_4.pth"  # EvalHook's name for it
+    slim = load_weights_only(artifact)
+    assert list(slim) == ["meta", "state_dict"]
+    assert slim["meta"]["CLASSES"] == CLASSES and slim["meta"]["hook_msgs"]["best_score"] == 0.5
+    assert_same_state_dict(slim["state_dict"], best["state_dict"])
+    assert manifest(run / "best")["artifacts"]["bbox_mAP"]["epoch"] == 4
+
+
+def test_resumed_launch_continues_and_the_pointer_target_survives(run: Path) -> None:
+    once(run)
+    launch(run, "20240102_080000", range(7, 9), VALUES)  # resume: a new .log.json
+    os.unlink(run / "latest.pth")
+    os.symlink("epoch_5.pth", run / "latest.pth")  # pointing somewhere older than the newest
+    out = once(run)
+    assert "bbox_mAP = 0.5 (greater) at epoch 4" in out  # 0.49 at epoch 8 is not better
+    assert checkpoints(run) == ["epoch_5.pth", "epoch_7.pth", "epoch_8.pth"]
+    assert "keep          epoch_5.pth" in out and "resume pointer of the trainer" in out
+    assert (run / "latest.pth").is_symlink()
+
+
+def test_meta_lines_strings_and_bad_records(tmp_path: Path) -> None:
+    work_dir = tmp_path / "run"
+    launch(work_dir, "20240101_120000", range(1, 3), VALUES)
+    with (work_dir / "20240101_120000.log.json").open("a") as f:
+        f.write('{"mode": "val", "iter": 625, "bbox_mAP": 0.7}\n')
+    read = MMCVLayout().read_evals(work_dir, {}, "epoch")
+    assert [r.index for r in read.records] == [1, 2]
+    assert list(read.records[0].metrics) == ["bbox_mAP", "bbox_mAP_50"]  # no lr, iter, strings
+    (problem,) = read.problems
+    assert problem.where == "20240101_120000.log.json:8" and "'epoch'" in problem.message
+
+
+def test_latest_pth_copy_and_iteration_based_runs(tmp_path: Path) -> None:
+    work_dir = tmp_path / "run"
+    launch(work_dir, "20240101_120000", range(1, 3), VALUES)
+    os.unlink(work_dir / "latest.pth")
+    (work_dir / "latest.pth").write_bytes((work_dir / "epoch_2.pth").read_bytes())
+    layout = MMCVLayout()
+    target, note = layout.resume_target(work_dir, {"epoch_1.pth", "epoch_2.pth"})
+    assert target is None and "latest.pth is a copy" in note
+    for n in (1, 2):
+        os.rename(work_dir / f"epoch_{n}.pth", work_dir / f"iter_{n * 100}.pth")
+    read = layout.read_evals(work_dir, {}, "iter")
+    assert read.records == [] and not any(p.blocking for p in read.problems)
+    assert "iteration-based" in read.problems[0].message
+
+
+def test_mmengine_and_mmcv_are_told_apart(tmp_path: Path) -> None:
+    mmcv_dir = tmp_path / "mmcv"
+    launch(mmcv_dir, "20240101_120000", range(1, 2), VALUES)
+    assert detect_layouts(mmcv_dir) == ["mmcv"]
+    mmengine_dir = tmp_path / "mmengine"
+    (mmengine_dir / "20240101_120000" / "vis_data").mkdir(parents=True)
+    (mmengine_dir / "20240101_120000" / "vis_data" / "scalars.json").write_text("")
+    assert detect_layouts(mmengine_dir) == ["mmengine"]
+    (mmcv_dir / "last_checkpoint").write_text(str(mmcv_dir / "epoch_1.pth"))
+    with pytest.raises(LayoutError, match=r"several trainers \(mmengine, mmcv\); set layout:"):
+        choose_layout(mmcv_dir, "auto")
+    assert isinstance(choose_layout(mmcv_dir, "mmcv"), MMCVLayout)
