@@ -18,7 +18,7 @@ from ckptd.layouts.base import Layout
 from ckptd.model import Best, Checkpoint
 from ckptd.observe import Observation
 from ckptd.outcome import ArtifactOutcome, PassOptions, Target, WorkDirReport
-from ckptd.state import WorkDirState
+from ckptd.state import WorkDirState, save_state
 from ckptd.units import format_size
 
 log = logging.getLogger("ckptd.artifact")
@@ -29,19 +29,38 @@ def keep_keys_for(target: Target, layout: Layout) -> tuple[str, ...]:
     return layout.default_keep_keys if keys == "auto" else tuple(keys)
 
 
-def _final_name(target: Target, name: str) -> str | Callable[[str], str]:
+def _final_name(
+    target: Target, name: str, claim: Callable[[str], None]
+) -> str | Callable[[str], str]:
+    """The artifact's name, or how to make it from its sha256; ``claim`` gets it before the
+    file can appear under it."""
     if not target.project.artifact.hash_in_name:
+        claim(name)
         return name
     # best_..._epoch_N.pth -> best_..._epoch_N-<sha8>.pth; folder artifacts have no suffix
     suffix = next((s for s in (".pth", ".ckpt") if name.endswith(s)), "")
     stem = name.removesuffix(suffix) if suffix else name
-    return lambda sha256: f"{stem}-{sha256[:8]}{suffix}"
+
+    def hashed(sha256: str) -> str:
+        final = f"{stem}-{sha256[:8]}{suffix}"
+        claim(final)
+        return final
+
+    return hashed
 
 
 def write_artifact(
-    target: Target, layout: Layout, best: Best, checkpoint: Checkpoint, options: PassOptions
+    target: Target,
+    layout: Layout,
+    best: Best,
+    checkpoint: Checkpoint,
+    options: PassOptions,
+    claim: Callable[[str], None] = lambda name: None,
 ) -> tuple[ArtifactEntry, float]:
-    """Slim ``checkpoint`` into the artifact folder; the manifest entry and the seconds taken."""
+    """Slim ``checkpoint`` into the artifact folder; the manifest entry and the seconds taken.
+
+    ``claim(name)`` is called with the artifact's file name before it appears in the folder.
+    """
     log.info(
         f"slimming {checkpoint.name} for {best.key}={best.value:g}",
         extra={
@@ -56,7 +75,7 @@ def write_artifact(
     result = layout.write_artifact(
         target.work_dir / checkpoint.name,
         target.artifact_dir,
-        _final_name(target, layout.artifact_name(best.key, checkpoint)),
+        _final_name(target, layout.artifact_name(best.key, checkpoint), claim),
         keep_keys_for(target, layout),
         options.progress,
     )
@@ -132,7 +151,9 @@ def ensure_artifacts(
         try:
             folder.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(folder)
-            new, seconds = write_artifact(target, layout, best, checkpoint, options)
+            new, seconds = write_artifact(
+                target, layout, best, checkpoint, options, lambda name: _claim(target, state, name)
+            )
             entries[key] = new
             artifacts.write_manifest(
                 folder, entries, target.work_dir, target.project.name, layout.name
@@ -146,9 +167,22 @@ def ensure_artifacts(
         report.artifacts.append(
             ArtifactOutcome(key, best, folder / new.file, "written", entry=new, seconds=seconds)
         )
-    if not options.dry_run and folder.is_dir():
+    # Until every best has an artifact in the manifest, a file a crash kept out of it may be
+    # the only complete artifact there is: remove nothing yet.
+    if not options.dry_run and folder.is_dir() and all(k in entries for k in observation.bests):
         remove_replaced_artifacts(folder, entries, state)
     return ok
+
+
+def _claim(target: Target, state: WorkDirState, name: str) -> None:
+    """Write-ahead: record (durably) that ckptd owns ``name`` before the file can appear.
+
+    Otherwise a crash after the artifact is renamed into place but before the manifest names
+    it (or before the pass saves its state) leaves a file no later pass knows it may remove.
+    """
+    if name not in state.own_artifacts:
+        state.own_artifacts.append(name)
+        save_state(target.work_dir, state)
 
 
 def _artifact_error(exc: BaseException, folder: Path, checkpoint: Checkpoint) -> str:
