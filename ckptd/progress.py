@@ -14,7 +14,11 @@ PROGRESS_MIN_BYTES = 1 << 30
 def byte_progress(
     total: int, label: str, *, stream=None, force: bool = False
 ) -> Iterator[Callable[[int, int], None] | None]:
-    """Yield a ``progress(done, total)`` callback, or None when no bar should be shown."""
+    """Yield a ``progress(done, total)`` callback, or None when no bar should be shown.
+
+    ``total`` decides whether to show a bar at all; the bar then counts against the ``total``
+    the callback reports (a slim reports output bytes, fewer than the source's size).
+    """
     stream = stream or sys.stderr
     if not force and (total < PROGRESS_MIN_BYTES or not stream.isatty()):
         yield None
@@ -25,7 +29,9 @@ def byte_progress(
         total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, file=stream
     ) as bar:
 
-        def update(done: int, _total: int) -> None:
+        def update(done: int, counted_total: int) -> None:
+            if counted_total != bar.total:
+                bar.total = counted_total
             bar.update(done - bar.n)
 
         yield update
