@@ -18,6 +18,7 @@ from ckptd.layouts.base import Layout
 from ckptd.model import Best, Checkpoint
 from ckptd.observe import Observation
 from ckptd.outcome import ArtifactOutcome, PassOptions, Target, WorkDirReport
+from ckptd.slimerrors import ArtifactWriteError
 from ckptd.state import WorkDirState, save_state
 from ckptd.units import format_size
 
@@ -180,24 +181,35 @@ def _claim(target: Target, state: WorkDirState, name: str) -> None:
     Otherwise a crash after the artifact is renamed into place but before the manifest names
     it (or before the pass saves its state) leaves a file no later pass knows it may remove.
     """
-    if name not in state.own_artifacts:
-        state.own_artifacts.append(name)
+    if name in state.own_artifacts:
+        return
+    state.own_artifacts.append(name)
+    try:
         save_state(target.work_dir, state)
+    except OSError as exc:
+        # A full training disk is when the artifact and the deletions after it matter most: go
+        # on; the claim is saved with the pass's state (a crash before that orphans the file).
+        log.warning(
+            f"cannot record the artifact {name} ahead of writing it ({exc.strerror}); going on",
+            extra={"fields": {"work_dir": str(target.work_dir), "action": "note"}},
+        )
 
 
 def _artifact_error(exc: BaseException, folder: Path, checkpoint: Checkpoint) -> str:
+    # slim reports the OSError of writing the artifact as an ArtifactWriteError (same errno)
+    code = exc.errno if isinstance(exc, OSError | ArtifactWriteError) else None
+    if code == errno.ENOSPC:
+        return (
+            f"{folder}: no space left while writing the artifact of {checkpoint.name} "
+            f"({format_size(checkpoint.stat.size)} checkpoint); free space there; the "
+            "previous best artifact is untouched and nothing was deleted"
+        )
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (
+            f"{folder}: cannot write the artifact ({os.strerror(code)}); give ckptd's user write "
+            "access to artifact.dir; nothing was deleted"
+        )
     if isinstance(exc, OSError):
-        if exc.errno == errno.ENOSPC:
-            return (
-                f"{folder}: no space left while writing the artifact of {checkpoint.name} "
-                f"({format_size(checkpoint.stat.size)} checkpoint); free space there; the "
-                "previous best artifact is untouched and nothing was deleted"
-            )
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return (
-                f"{folder}: cannot write the artifact ({exc.strerror}); give ckptd's user write "
-                "access to artifact.dir; nothing was deleted"
-            )
         where = exc.filename or folder
         return f"{where}: {exc.strerror or exc}; nothing was deleted"
     return str(exc)
