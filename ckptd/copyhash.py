@@ -5,11 +5,15 @@ reflinks or server-side copy not even through the page cache), falling back to a
 read/write loop where the kernel refuses. ``ReadBackVerifier`` reads the output back while it is
 being written, for its sha256 and the CRC32 of each copied range: reading the *output* proves
 the bytes that landed on disk are the ones the source's central directory vouches for. hashlib
-and zlib release the GIL on large buffers, so hashing and checking overlap the copy.
+and zlib release the GIL on large buffers, so hashing and checking overlap the copy, and the
+writeback of each copied chunk is started right away (``sync_file_range``), so the final fsync
+waits for the last chunk rather than for the whole file.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import hashlib
 import os
@@ -19,8 +23,11 @@ from collections.abc import Callable, Sequence
 
 from ckptd.torchzip import Copy
 
-COPY_CHUNK = 64 * 1024 * 1024  # bounds the latency of progress reports and of an abort
-READ_CHUNK = 1024 * 1024  # the only buffer: the peak RSS does not grow with the checkpoint
+# Bounds the latency of progress reports and of an abort, and how far the verifier threads lag
+# behind the copy: the sha256 thread is the critical path, so it should start early.
+COPY_CHUNK = 16 * 1024 * 1024
+READ_CHUNK = 1024 * 1024  # read-back buffer: the peak RSS does not grow with the checkpoint
+_BUFFERS = 4  # read-back buffers in flight between the sha256 and the CRC thread
 _FALLBACK_ERRNOS = frozenset(
     {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM}
 )
@@ -77,14 +84,38 @@ def copy_range(
         on_chunk(done)
 
 
+class _Writeback:
+    """Starts writeback of the output as it is written, so the final fsync has little left.
+
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` only queues the pages for writing; durability
+    still comes from the fsync in ``atomic_output``. Where it is not supported it is skipped.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._done = 0
+        self._enabled = hasattr(os, "sync_file_range")
+
+    def start(self, upto: int) -> None:
+        if not self._enabled or upto <= self._done:
+            return
+        try:
+            os.sync_file_range(self._fd, self._done, upto - self._done, os.SYNC_FILE_RANGE_WRITE)
+        except OSError:
+            self._enabled = False
+        self._done = upto
+
+
 class ReadBackVerifier:
     """sha256 of a file being written front to back, plus CRC32 checks of given ranges.
 
-    Two threads read the output back as it becomes final: one hashes everything, the other
-    checks the CRCs (together they take longer than the in-kernel copy, so they get a core
-    each). Call ``advance(n)`` whenever the first ``n`` bytes are final, ``finish(total)`` for
-    the hex digest (it raises what a thread raised: ``CrcMismatch``, ``OSError``,
-    ``EOFError``), or ``abort()`` on the way out of a failure.
+    The output is read back once, as it becomes final, into a small ring of buffers: the
+    reading thread hashes each buffer while a second thread checks the CRCs of the copied
+    ranges in the same buffer (hashlib and zlib release the GIL, so the two run on two cores
+    and the bytes are copied out of the page cache only once). Call ``advance(n)`` whenever
+    the first ``n`` bytes are final, ``finish(total)`` for the hex digest (it raises what a
+    thread raised: ``CrcMismatch``, ``OSError``, ``EOFError``), or ``abort()`` on the way out
+    of a failure.
     """
 
     def __init__(self, path: str | os.PathLike[str], checks: Sequence[Copy]) -> None:
@@ -96,6 +127,10 @@ class ReadBackVerifier:
         self._stop = False
         self.error: BaseException | None = None
         self._sha = hashlib.sha256()
+        self._buffers = [memoryview(bytearray(READ_CHUNK)) for _ in range(_BUFFERS)]
+        self._free = list(range(_BUFFERS))  # buffers the CRC thread is done with
+        self._filled: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._read_all = False  # the reading thread has handed over its last buffer
         self._threads = [
             threading.Thread(target=self._run, args=(loop,), name=f"ckptd-{name}", daemon=True)
             for name, loop in (("sha256", self._hash_all), ("crc32", self._check_crcs))
@@ -132,9 +167,9 @@ class ReadBackVerifier:
             os.close(self._fd)
             self._fd = -1
 
-    def _run(self, loop: Callable[[memoryview], None]) -> None:
+    def _run(self, loop: Callable[[], None]) -> None:
         try:
-            loop(memoryview(bytearray(READ_CHUNK)))
+            loop()
         except BaseException as exc:  # handed to the writing thread
             with self._cond:
                 self.error = self.error or exc
@@ -154,27 +189,58 @@ class ReadBackVerifier:
             raise EOFError("the output is shorter than what was written")
         return view[:n]
 
-    def _hash_all(self, view: memoryview) -> None:
-        pos = 0
-        while (limit := self._final_up_to(pos)) >= 0:
-            while pos < limit and not self._stop:
-                chunk = self._read(view, pos, limit)
-                self._sha.update(chunk)
-                pos += len(chunk)
+    def _take_buffer(self) -> int:
+        with self._cond:
+            while not self._stop and not self._free:
+                self._cond.wait()
+            return -1 if self._stop else self._free.pop()
 
-    def _check_crcs(self, view: memoryview) -> None:
-        for check in self._checks:
-            pos, end, crc = check.dest_offset, check.dest_offset + check.size, 0
-            while pos < end:
-                limit = self._final_up_to(pos)
-                if limit < 0:
-                    return
-                while pos < min(limit, end) and not self._stop:
-                    chunk = self._read(view, pos, min(limit, end))
-                    crc = zlib.crc32(chunk, crc)
+    def _hash_all(self) -> None:
+        pos = 0
+        try:
+            while (limit := self._final_up_to(pos)) >= 0:
+                while pos < limit:
+                    index = self._take_buffer()
+                    if index < 0:
+                        return
+                    chunk = self._read(self._buffers[index], pos, limit)
+                    with self._cond:
+                        self._filled.append((index, pos, len(chunk)))
+                        self._cond.notify_all()
+                    self._sha.update(chunk)  # the CRC thread reads the same buffer meanwhile
                     pos += len(chunk)
-            if crc != check.crc32:
-                raise CrcMismatch(check)
+        finally:
+            with self._cond:
+                self._read_all = True
+                self._cond.notify_all()
+
+    def _next_filled(self) -> tuple[int, int, int] | None:
+        with self._cond:
+            while not self._stop and not self._filled and not self._read_all:
+                self._cond.wait()
+            return None if self._stop or not self._filled else self._filled.popleft()
+
+    def _check_crcs(self) -> None:
+        checks, k, crc = self._checks, 0, 0
+        while (item := self._next_filled()) is not None:
+            index, start, size = item
+            view, end = self._buffers[index], start + size
+            while k < len(checks) and checks[k].dest_offset < end:
+                check = checks[k]
+                lo = max(start, check.dest_offset)
+                hi = min(end, check.dest_offset + check.size)
+                if lo < hi:
+                    crc = zlib.crc32(view[lo - start : hi - start], crc)
+                if hi < check.dest_offset + check.size:
+                    break  # the range goes on in the next buffer
+                if crc != check.crc32:
+                    raise CrcMismatch(check)
+                k, crc = k + 1, 0
+            with self._cond:
+                self._free.append(index)
+                self._cond.notify_all()
+        if k < len(checks) and not self._stop:
+            raise EOFError("the output ended before every copied range was checked")
 
 
 def write_archive(
@@ -188,6 +254,10 @@ def write_archive(
     """Write ``pieces`` (from ``layout_archive``) to ``fd`` (the file ``temp``), copying spans
     of ``src_fd``; return the output's sha256 once every copied span's CRC is verified."""
     verifier = ReadBackVerifier(temp, [p for p in pieces if isinstance(p, Copy)])
+    writeback = _Writeback(fd)
+    if hasattr(os, "posix_fadvise"):  # read-ahead for a cold source (a no-op when cached)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
     try:
         pos = 0
         pending = bytearray()
@@ -202,6 +272,7 @@ def write_archive(
 
             def on_chunk(done: int, start: int = pos) -> None:
                 verifier.advance(start + done)
+                writeback.start(start + done)
                 if progress is not None:
                     progress(start + done, total)
 
@@ -211,6 +282,7 @@ def write_archive(
         pos += len(pending)
         if pos != total:
             raise AssertionError(f"wrote {pos} bytes of a {total}-byte layout")
+        writeback.start(total)
         sha256 = verifier.finish(total)
     except BaseException:
         verifier.abort()
