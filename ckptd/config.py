@@ -31,6 +31,30 @@ Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size, 
 LAYOUT_NAMES = ("mmengine", "mmcv", "lightning", "hf")
 Rule = Literal["greater", "less"]
 ARTIFACT_DIR_FIELDS = {"work_dir", "project", "run"}
+PUBLISH_URL_FIELDS = {"project", "run"}
+# storage_options keys (any depth, compared without case, '_' and '-') that carry a credential.
+SECRET_OPTION_KEYS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "passwd",
+        "apikey",
+        "privatekey",
+        "credential",
+        "credentials",
+        "accesskey",
+        "awsaccesskeyid",
+        "awssecretaccesskey",
+        "awssessiontoken",
+        "clientsecret",
+        "accountkey",
+        "sastoken",
+        "connectionstring",
+        "ssecustomerkey",
+    }
+)
 
 
 class ConfigError(Exception):
@@ -101,26 +125,91 @@ class RetentionConfig(_Strict):
     max_total_size: Size | None = None
 
 
+def _check_placeholders(value: str, allowed: set[str]) -> None:
+    names = ", ".join(f"{{{f}}}" for f in sorted(allowed))
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"not a valid template ({exc}); use {names}") from None
+    unknown = fields - allowed
+    if unknown:
+        raise ValueError(f"unknown placeholder {{{sorted(unknown)[0]}}}; allowed: {names}")
+
+
+def _secret_option(options: Any, path: str = "") -> str | None:
+    """The key path of the first option that looks like a credential, if any."""
+    if isinstance(options, dict):
+        for key, value in options.items():
+            where = f"{path}.{key}" if path else str(key)
+            normalized = str(key).lower().replace("_", "").replace("-", "")
+            if normalized in SECRET_OPTION_KEYS or any(
+                word in normalized for word in ("secret", "password", "token")
+            ):
+                return where
+            found = _secret_option(value, where)
+            if found:
+                return found
+    elif isinstance(options, list):
+        for i, item in enumerate(options):
+            found = _secret_option(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+class PublishConfig(_Strict):
+    url: str
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    keep_history: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url_with_scheme(cls, value: str) -> str:
+        _check_placeholders(value, PUBLISH_URL_FIELDS)
+        scheme, sep, rest = value.partition("://")
+        if not sep or not scheme or not rest.strip("/"):
+            raise ValueError(
+                "expected a URL with a scheme and a path, e.g. s3://bucket/{project}/{run}/ "
+                "or file:///srv/models/{project}/{run}/"
+            )
+        try:
+            from fsspec.registry import known_implementations, registry
+        except ImportError:
+            raise ValueError(
+                "publishing needs fsspec (and s3fs for s3://): pip install 'ckptd[publish]'"
+            ) from None
+        if scheme not in known_implementations and scheme not in registry:
+            raise ValueError(
+                f"unknown scheme {scheme!r}; fsspec knows e.g. s3, gs, az, file (the backend "
+                "package, such as s3fs, gcsfs or adlfs, must be installed)"
+            )
+        return value
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        where = _secret_option(value)
+        if where:
+            raise ValueError(
+                f"{where!r} looks like a credential, and ckptd does not read secrets from its "
+                "config file; provide them the standard way: environment variables (e.g. "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, "
+                "AZURE_STORAGE_ACCOUNT_NAME + an Azure identity), the provider's default chain "
+                "(IAM role, workload or managed identity) or a named profile (profile: NAME)"
+            )
+        return value
+
+
 class ArtifactConfig(_Strict):
     dir: str = "{work_dir}/best"
     keep_keys: Literal["auto"] | list[str] = "auto"
     hash_in_name: bool = False
+    publish: PublishConfig | None = None
 
     @field_validator("dir")
     @classmethod
     def _known_placeholders(cls, value: str) -> str:
-        try:
-            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
-        except ValueError as exc:
-            raise ValueError(
-                f"not a valid template ({exc}); use {{work_dir}}, {{project}}, {{run}}"
-            ) from None
-        unknown = fields - ARTIFACT_DIR_FIELDS
-        if unknown:
-            raise ValueError(
-                f"unknown placeholder {{{sorted(unknown)[0]}}}; allowed: "
-                + ", ".join(f"{{{f}}}" for f in sorted(ARTIFACT_DIR_FIELDS))
-            )
+        _check_placeholders(value, ARTIFACT_DIR_FIELDS)
         return value
 
     @field_validator("keep_keys")

@@ -23,6 +23,7 @@ from ckptd.layouts.base import SourceState
 
 STATE_DIR = ".ckptd"
 STATE_FILE = "state.json"
+PUBLISH_FILE = "publish.json"  # written only by the publisher, see PublishState
 LOCK_FILE = "lock"
 SCHEMA_VERSION = 1
 # Deletions remembered for `ckptd status`; the running total is kept separately.
@@ -103,6 +104,74 @@ def save_state(work_dir: Path, state: WorkDirState) -> None:
     folder.mkdir(exist_ok=True)
     data = json.dumps(state.to_json(), separators=(",", ":")).encode()
     atomic_write_bytes(folder / STATE_FILE, data)
+
+
+@dataclass(slots=True)
+class PublishState:
+    """What ckptd last published to object storage for this work_dir (``artifact.publish``).
+
+    Kept in its own file rather than in ``state.json`` because uploads run beside reconcile
+    passes (``ckptd run``): a pass saves the state it loaded at its start, and would overwrite
+    a publish record written meanwhile. No file means nothing was published yet.
+    """
+
+    url: str = ""  # the expanded artifact.publish.url the manifest below went to
+    manifest_sha256: str = ""  # sha256 of the manifest bytes in place there
+    files: dict[str, str] = field(default_factory=dict)  # artifact file -> sha256, as published
+    time: str = ""  # when that manifest was put in place
+    stale: list[str] = field(default_factory=list)  # replaced objects under url, not yet removed
+    failures: int = 0  # failed attempts since the last success
+    last_error: str = ""
+    last_attempt: str = ""
+    uploads: int = 0  # objects uploaded to url, in total
+    uploaded_bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "url": self.url,
+            "manifest_sha256": self.manifest_sha256,
+            "files": dict(sorted(self.files.items())),
+            "time": self.time,
+            "stale": sorted(set(self.stale)),
+            "failures": self.failures,
+            "last_error": self.last_error,
+            "last_attempt": self.last_attempt,
+            "uploads": self.uploads,
+            "uploaded_bytes": self.uploaded_bytes,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PublishState:
+        return cls(
+            url=str(data.get("url", "")),
+            manifest_sha256=str(data.get("manifest_sha256", "")),
+            files={str(k): str(v) for k, v in dict(data.get("files", {})).items()},
+            time=str(data.get("time", "")),
+            stale=[str(name) for name in data.get("stale", [])],
+            failures=int(data.get("failures", 0)),
+            last_error=str(data.get("last_error", "")),
+            last_attempt=str(data.get("last_attempt", "")),
+            uploads=int(data.get("uploads", 0)),
+            uploaded_bytes=int(data.get("uploaded_bytes", 0)),
+        )
+
+
+def load_publish_state(work_dir: Path) -> PublishState:
+    """The saved publish record; missing or unreadable reads as "nothing published yet", which
+    is safe: the publisher then compares with the remote manifest before uploading."""
+    try:
+        data = json.loads((state_dir(work_dir) / PUBLISH_FILE).read_bytes())
+        return PublishState.from_json(data)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return PublishState()
+
+
+def save_publish_state(work_dir: Path, state: PublishState) -> None:
+    folder = state_dir(work_dir)
+    folder.mkdir(exist_ok=True)
+    data = json.dumps(state.to_json(), separators=(",", ":")).encode()
+    atomic_write_bytes(folder / PUBLISH_FILE, data)
 
 
 class LockBusy(Exception):
