@@ -137,6 +137,11 @@ def _pass(args: argparse.Namespace, dry_run: bool) -> tuple[list, list[str]]:
     found = discover(loaded)
     options = PassOptions(settle=loaded.config.watch.settle, dry_run=dry_run)
     reports = [reconcile(target, options) for target in found.targets]
+    if any(t.project.artifact.publish for t in found.targets):
+        from ckptd.publish import publish_reports
+
+        # After every pass: retention never waits for an upload (dry runs only show state).
+        publish_reports(reports)
     return reports, found.notes
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckptd.config import ConfigError, LoadedConfig, load_config
 from ckptd.fsutil import FileStat
@@ -28,6 +29,10 @@ from ckptd.state import WorkDirLock
 from ckptd.targets import discover, discovery_folders
 from ckptd.units import format_size
 from ckptd.watch import Change, Watcher, watch_plan
+
+if TYPE_CHECKING:
+    from ckptd.publish import PublishOutcome
+    from ckptd.publishqueue import PublishQueue
 
 log = logging.getLogger("ckptd.daemon")
 
@@ -89,6 +94,7 @@ class Daemon:
         self._resync_at = 0.0
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckptd-worker")
         self._futures: dict[Path, Future[WorkDirReport]] = {}
+        self._publisher: PublishQueue | None = None  # started with the first artifact.publish
         watch = loaded.config.watch
         self.watcher = Watcher(watch.mode, watch.poll_interval, self._on_change)
 
@@ -149,6 +155,8 @@ class Daemon:
                 if path not in wanted and not slot.running:
                     slot.lock.release()
                     del self.slots[path]
+                    if self._publisher is not None:
+                        self._publisher.forget(path)
                     if self.metrics:
                         self.metrics.forget(str(path))
                     log.info("work_dir gone or no longer matched", extra=_f(path))
@@ -270,6 +278,40 @@ class Daemon:
             self.metrics.record_pass(**metrics_of(report))
         if report is not None and self.on_report:
             self.on_report(report)
+        if report is not None:
+            self._request_publish(slot, report)
+
+    def _request_publish(self, slot: WorkDirSlot, report: WorkDirReport) -> None:
+        """Uploads run on the publisher's thread: a slow store never holds up a pass."""
+        if report.target.project.artifact.publish is None or report.dry_run:
+            return
+        if not slot.lock.held or self._stop.is_set():
+            return
+        with self._cond:
+            publisher = self._publisher
+            if publisher is None:
+                from ckptd.publishqueue import PublishQueue
+
+                publisher = self._publisher = PublishQueue(self._published)
+                publisher.start()
+        publisher.submit(slot.target, slot.lock)
+
+    def _published(self, target: Target, outcome: PublishOutcome) -> None:
+        where = _f(target.work_dir, url=outcome.url, action="publish")
+        if outcome.status == "published":
+            files = ", ".join(sorted(outcome.files)) or "no files"
+            log.info(f"publish: {outcome.url} now names {files}", extra=where)
+        elif outcome.failed:
+            log.warning(f"publish failed: {outcome.error}", extra=where)
+        if self.metrics:
+            self.metrics.record_publish(
+                work_dir=str(target.work_dir),
+                project=target.project.name,
+                uploads=outcome.uploads,
+                uploaded_bytes=outcome.uploaded_bytes,
+                failed=outcome.failed,
+                pending=outcome.pending,
+            )
 
     def _next_due(
         self, slot: WorkDirSlot, report: WorkDirReport | None, now: float
@@ -348,7 +390,12 @@ class Daemon:
         self.notifier.stopping()
         log.info("stopping: finishing the work in hand")
         self.watcher.stop()
+        if self._publisher is not None:
+            self._publisher.stop(0)  # ask now; the passes in hand get the grace time first
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._publisher is not None:
+            left = (self._stop_deadline or time.monotonic()) - time.monotonic()
+            self._publisher.stop(max(1.0, left))
         for slot in self.slots.values():
             slot.lock.release()
         self.notifier.close()

@@ -65,6 +65,11 @@ class _WorkDirStats:
     errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ERROR_KINDS, 0))
     best: dict[str, float] = field(default_factory=dict)
     artifact_bytes: dict[str, int] = field(default_factory=dict)
+    # artifact.publish; None until the work_dir's first publish, so others get no series
+    publish_pending: bool | None = None
+    uploads: int = 0
+    uploaded_bytes: int = 0
+    upload_failures: int = 0
 
 
 class _WorkDirCollector(Collector):
@@ -124,6 +129,29 @@ class _WorkDirCollector(Collector):
             age.add_metric(labels, max(0.0, now - (s.last_ok or s.first_seen)))
         yield from (kept, held, reclaimed, slims, deletions, passes, errors, best, artifact)
         yield from (last_ok, age)
+        yield from _publish_families(rows, wdp)
+
+
+def _publish_families(rows: list[tuple[str, _WorkDirStats]], wdp: list[str]) -> list[Metric]:
+    uploads = CounterMetricFamily(
+        "ckptd_publish_uploads", "Objects uploaded by artifact.publish.", labels=wdp
+    )
+    sent = CounterMetricFamily("ckptd_publish_uploaded_bytes", "Bytes uploaded.", labels=wdp)
+    failures = CounterMetricFamily("ckptd_publish_failures", "Failed publishes.", labels=wdp)
+    pending = GaugeMetricFamily(
+        "ckptd_publish_pending",
+        "1 while the remote manifest is not yet the local one (new best, or failed uploads).",
+        labels=wdp,
+    )
+    for path, s in rows:
+        if s.publish_pending is None:
+            continue
+        labels = [path, s.project]
+        uploads.add_metric(labels, s.uploads)
+        sent.add_metric(labels, s.uploaded_bytes)
+        failures.add_metric(labels, s.upload_failures)
+        pending.add_metric(labels, int(s.publish_pending))
+    return [uploads, sent, failures, pending]
 
 
 class DaemonMetrics:
@@ -202,6 +230,26 @@ class DaemonMetrics:
                 row.errors[kind] = row.errors.get(kind, 0) + 1
             row.best = {key: float(value) for key, value in best.items()}
 
+    def record_publish(
+        self,
+        *,
+        work_dir: str,
+        project: str,
+        uploads: int,
+        uploaded_bytes: int,
+        failed: bool,
+        pending: bool,
+    ) -> None:
+        """One publish attempt of ``artifact.publish``: counters add, ``pending`` replaces."""
+        with self._lock:
+            row = self._rows.get(work_dir)
+            if row is None or row.project != project:
+                row = self._rows[work_dir] = _WorkDirStats(project=project, first_seen=time.time())
+            row.uploads += max(0, uploads)
+            row.uploaded_bytes += max(0, uploaded_bytes)
+            row.upload_failures += int(failed)
+            row.publish_pending = pending
+
     def forget(self, work_dir: str) -> None:
         """The work_dir is no longer watched: every series labelled with it disappears."""
         with self._lock:
@@ -225,6 +273,10 @@ class DaemonMetrics:
                         errors=dict(s.errors),
                         best=dict(s.best),
                         artifact_bytes=dict(s.artifact_bytes),
+                        publish_pending=s.publish_pending,
+                        uploads=s.uploads,
+                        uploaded_bytes=s.uploaded_bytes,
+                        upload_failures=s.upload_failures,
                     ),
                 )
                 for path, s in sorted(self._rows.items())

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckptd.artifacts import ArtifactEntry, expand_artifact_dir
 from ckptd.config import ProjectConfig
@@ -13,6 +14,9 @@ from ckptd.fsutil import FileStat
 from ckptd.model import Best
 from ckptd.observe import Observation
 from ckptd.policy import Decision, Plan
+
+if TYPE_CHECKING:
+    from ckptd.publish import PublishOutcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,7 @@ class WorkDirReport:
     seconds: float = 0.0
     reclaimed_bytes: int = 0  # this pass
     reclaimed_total: int = 0  # since ckptd first managed the work_dir
+    publish: PublishOutcome | None = None  # artifact.publish: filled after the pass (ckptd once)
 
     @property
     def failed(self) -> bool:

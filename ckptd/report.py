@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptd.reconcile import WorkDirReport
 from ckptd.units import format_size
+
+if TYPE_CHECKING:
+    from ckptd.publish import PublishOutcome
 
 
 def _verb(report: WorkDirReport, keep: bool, name: str) -> str:
@@ -53,6 +56,8 @@ def format_report(report: WorkDirReport) -> str:
         )
     if report.observation and not report.artifacts and not report.observation.records:
         lines.append("  best          no evaluation records yet")
+    if report.publish is not None:
+        lines.append(f"  publish       {_publish_text(report.publish)}")
     for note in report.notes:
         lines.append(f"  note          {note}")
     for error in report.errors:
@@ -67,6 +72,24 @@ def format_report(report: WorkDirReport) -> str:
             f"({format_size(report.reclaimed_total)} in total)"
         )
     return "\n".join(lines)
+
+
+def _publish_text(p: PublishOutcome) -> str:
+    text = f"{p.url}  [{p.status}]"
+    if p.manifest_sha256:
+        files = ", ".join(sorted(p.files)) or "no files"
+        text += f" manifest {p.manifest_sha256[:12]} ({files}) in place since {p.time}"
+    else:
+        text += " nothing published there yet"
+    if p.uploads:
+        text += f"; uploaded {p.uploads} object(s), {format_size(p.uploaded_bytes)}"
+    if p.removed:
+        text += f"; removed replaced {', '.join(p.removed)}"
+    if p.error:
+        text += f"; error: {p.error}" + (f" ({p.failures} failed attempt(s))" if p.failures else "")
+    if p.detail:
+        text += f"; {p.detail}"
+    return text
 
 
 def report_json(report: WorkDirReport) -> dict[str, Any]:
@@ -118,6 +141,8 @@ def report_json(report: WorkDirReport) -> dict[str, Any]:
                 "bytes": a.entry.bytes if a.entry else None,
             }
         )
+    if report.publish is not None:
+        data["publish"] = report.publish.to_json()
     if report.observation:
         data["resume_target"] = report.observation.scan.resume_target
         data["skipped_entries"] = [
