@@ -128,6 +128,7 @@ def ensure_artifacts(
     folder = target.artifact_dir
     entries = dict(observation.manifest)
     ok = True
+    dry_run = options.dry_run or target.project.dry_run  # the config's dry_run writes nothing
     for key, best in observation.bests.items():
         checkpoint = observation.scan.checkpoint_at(best.index)
         entry = entries.get(key)
@@ -146,7 +147,7 @@ def ensure_artifacts(
             detail = f"{checkpoint.name} is {checkpoint.incomplete_reason}; will slim it then"
             report.artifacts.append(ArtifactOutcome(key, best, path, "deferred", detail, entry))
             continue
-        if options.dry_run:
+        if dry_run:
             report.artifacts.append(ArtifactOutcome(key, best, path, "would write", entry=entry))
             continue
         try:
@@ -170,7 +171,7 @@ def ensure_artifacts(
         )
     # Until every best has an artifact in the manifest, a file a crash kept out of it may be
     # the only complete artifact there is: remove nothing yet.
-    if not options.dry_run and folder.is_dir() and all(k in entries for k in observation.bests):
+    if not dry_run and folder.is_dir() and all(k in entries for k in observation.bests):
         remove_replaced_artifacts(folder, entries, state)
     return ok
 

@@ -391,6 +391,8 @@ def load_config(path: Path) -> LoadedConfig:
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
+    except RecursionError:  # the YAML parser recurses per nesting level
+        raise ConfigError(f"{path}: nested too deeply to be a ckptd config") from None
     return parse_config(data, path)
 
 
