@@ -186,13 +186,20 @@ class HFLayout(Layout):
     def read_evals(
         self, work_dir: Path, previous: dict[str, SourceState], unit: str | None
     ) -> EvalRead:
-        """Evaluations from the newest complete folder's log_history, which holds them all."""
-        for _, entry in reversed(_folders(work_dir)):
-            path = Path(entry.path) / STATE
+        """Evaluations from the log_history of the complete folder the Trainer wrote last: it
+        holds every evaluation of the current run (also across resumes). By mtime, not N: a run
+        resumed from an early checkpoint leaves later folders of the abandoned run behind."""
+        found = []
+        for step, entry in _folders(work_dir):
+            if not entry.is_dir(follow_symlinks=False):
+                continue
             try:
-                st = os.stat(path, follow_symlinks=False)
+                st = os.stat(Path(entry.path) / STATE, follow_symlinks=False)
             except OSError:
                 continue
+            found.append((st.st_mtime_ns, step, entry, st))
+        for _, _, entry, st in sorted(found, key=lambda f: (f[0], f[1]), reverse=True):
+            path = Path(entry.path) / STATE
             rel = f"{entry.name}/{STATE}"
             stamp = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
             state = previous.get(rel)

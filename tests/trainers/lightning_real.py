@@ -85,6 +85,7 @@ def build(args: argparse.Namespace):  # -> (trainer, module, data, callbacks)
         save_top_k=-1,
         save_last=save_last,
     )
+
     # Lightning refuses two ModelCheckpoint instances with the same state_key (monitor, mode,
     # intervals); a subclass only changes the key's class name, not what the callback does.
     class TopOneCheckpoint(ModelCheckpoint):
