@@ -209,3 +209,19 @@ def test_folder_deletion_rechecks_and_leaves_no_half_folder(tmp_path: Path) -> N
     assert code == 0, text + err
     assert not trash.exists() and folders(out) == ["checkpoint-48"]
     assert delete_checkpoint(out, "../out/checkpoint-48", planned)[0] is False
+
+
+def test_metrics_follow_the_folder_written_last(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for step in (16, 32, 48):
+        make_folder(out, step)
+    # resumed from checkpoint-16: checkpoint-32 is written again, checkpoint-48 is stale
+    state = out / "checkpoint-32" / "trainer_state.json"
+    data = json.loads(state.read_text())
+    data["log_history"].append({"eval_accuracy": 0.9, "eval_loss": 0.5, "step": 32})
+    state.write_text(json.dumps(data))
+    newer = (out / "checkpoint-48" / "trainer_state.json").stat().st_mtime_ns + 10**9
+    os.utime(state, ns=(newer, newer))
+    read = HFLayout().read_evals(out, {}, "step")
+    assert read.records[-1].index == 32 and read.records[-1].metrics["eval_accuracy"] == 0.9
+    assert list(read.sources) == ["checkpoint-32/trainer_state.json"]

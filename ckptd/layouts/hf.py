@@ -130,6 +130,7 @@ class HFLayout(Layout):
     def __init__(self) -> None:
         self._source: SourceState | None = None  # the trainer_state.json metrics came from
         self._source_folder: Path | None = None
+        self._listed: set[str] | None = None  # folders ckptd manages (not skipped)
 
     @classmethod
     def detect(cls, work_dir: Path) -> bool:
@@ -152,6 +153,7 @@ class HFLayout(Layout):
             except FileNotFoundError:
                 continue
             candidates.append(Candidate(entry.name, "step", step, stat))
+        self._listed = {c.name for c in candidates}
         return candidates, skipped
 
     def format_check(self, path: Path) -> tuple[bool | None, str]:
@@ -189,10 +191,12 @@ class HFLayout(Layout):
         """Evaluations from the log_history of the complete folder the Trainer wrote last: it
         holds every evaluation of the current run (also across resumes). By mtime, not N: a run
         resumed from an early checkpoint leaves later folders of the abandoned run behind."""
+        if self._listed is None:
+            self.list_checkpoints(work_dir)
         found = []
         for step, entry in _folders(work_dir):
-            if not entry.is_dir(follow_symlinks=False):
-                continue
+            if entry.name not in (self._listed or ()):
+                continue  # symlinks, and folders ckptd leaves alone
             try:
                 st = os.stat(Path(entry.path) / STATE, follow_symlinks=False)
             except OSError:
