@@ -44,6 +44,14 @@ class WorkDirState:
     # Artifact files ckptd created (or is about to create): the only ones it may ever remove.
     own_artifacts: list[str] = field(default_factory=list)
     last_pass: dict[str, Any] = field(default_factory=dict)
+    # What was on disk when loaded, minus last_pass: an unchanged state is not rewritten, so an
+    # idle resync of hundreds of work_dirs costs no writes and no fsyncs.
+    saved_fingerprint: bytes = field(default=b"", compare=False, repr=False)
+
+    def fingerprint(self) -> bytes:
+        data = self.to_json()
+        data.pop("last_pass")
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -91,7 +99,9 @@ def load_state(work_dir: Path) -> tuple[WorkDirState, str]:
                 f"{path}: written by a newer ckptd (state schema {schema}, this one reads "
                 f"{SCHEMA_VERSION}); upgrade ckptd or remove the .ckptd folder"
             )
-        return WorkDirState.from_json(data), ""
+        state = WorkDirState.from_json(data)
+        state.saved_fingerprint = state.fingerprint()
+        return state, ""
     except StateError:
         raise
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -99,11 +109,17 @@ def load_state(work_dir: Path) -> tuple[WorkDirState, str]:
         return WorkDirState(), f"{path}: unreadable ({exc}); starting from a fresh state"
 
 
-def save_state(work_dir: Path, state: WorkDirState) -> None:
+def save_state(work_dir: Path, state: WorkDirState) -> bool:
+    """Write the state if it changed since it was loaded; True when it was written."""
+    fingerprint = state.fingerprint()
+    if fingerprint == state.saved_fingerprint:
+        return False
     folder = state_dir(work_dir)
     folder.mkdir(exist_ok=True)
     data = json.dumps(state.to_json(), separators=(",", ":")).encode()
     atomic_write_bytes(folder / STATE_FILE, data)
+    state.saved_fingerprint = fingerprint
+    return True
 
 
 @dataclass(slots=True)
