@@ -13,7 +13,7 @@ from collections.abc import Callable, Container
 from typing import Any
 
 from ckptd.pickle_allowlist import ALLOWED_GLOBALS
-from ckptd.safepickle import Inert, InertGlobal, StorageRef
+from ckptd.safepickle import Blob, Inert, InertGlobal, StorageRef
 
 __all__ = ["GlobalRefused", "NotRepresentable", "PickleWriter"]
 
@@ -123,6 +123,8 @@ class PickleWriter:
         elif kind is str:
             self._save_str(obj)
             self._put(obj)
+        elif kind is Blob:
+            self._save_blob(obj)
         elif isinstance(obj, InertGlobal):
             if obj.ref is None:
                 raise NotRepresentable("an internal stand-in type")
@@ -179,6 +181,22 @@ class PickleWriter:
             self._put(obj)
         else:
             raise NotRepresentable(f"a {kind.__module__}.{kind.__qualname__} object")
+
+    def _save_blob(self, blob: Blob) -> None:
+        """A long str/bytes left in the source file: read it now, memoize it as the blob."""
+        try:
+            value = blob.load()
+        except UnicodeDecodeError as exc:  # the unpickler would have refused it too
+            raise NotRepresentable(f"a string that is not valid UTF-8 ({exc.reason})") from exc
+        if type(value) is str:
+            self._save_str(value)
+        elif type(value) is bytes:
+            self._save_bytes(value)
+        else:
+            self.save_global(("builtins", "bytearray"))
+            self._save_bytes(bytes(value))
+            self._out += b"\x85R"
+        self._put(blob)
 
     def _save_bytes(self, data: bytes) -> None:
         # Protocol 2 has no bytes opcode; this is what pickle itself writes (bar the b"" case,

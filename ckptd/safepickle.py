@@ -10,6 +10,12 @@ APPENDS and ADDITEMS on the result only record the operation. Tensors stay persi
 pure-Python unpickler, whose extension lookup we override), and PUT/LONG_BINPUT with a huge index
 make it allocate and zero a memo array of that size (a 12-byte pickle can cost gigabytes).
 
+``compact_pickle`` reads a large ``data.pkl`` as a stream instead: it does the same checks,
+verifies the record's CRC, and leaves every long str/bytes payload in the file, putting a
+``Blob`` (where the bytes are) in the tree in its place. MMEngine's message hub pickles numpy
+arrays of every iteration's scalars (hundreds of MB in a long run); those are never read into
+memory unless they belong to a key that is written out.
+
 ``ckptd.picklewriter`` writes the kept part of the tree back.
 """
 
@@ -20,15 +26,23 @@ import copyreg
 import io
 import pickle
 import pickletools
+import secrets
+import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 __all__ = [
+    "Blob",
+    "Compacted",
     "Inert",
     "InertGlobal",
     "PickleRejected",
+    "PickleTooLarge",
     "StorageRef",
+    "compact_pickle",
     "iter_storage_refs",
+    "load_compacted",
     "load_inert",
     "scan_pickle",
     "top_level",
@@ -40,8 +54,17 @@ MAX_GLOBALS = 10_000
 MEMO_SLACK = 1024
 
 
+# str/bytes payloads at least this long stay in the file when a pickle is compacted.
+BLOB_MIN = 64 * 1024
+_STREAM_CHUNK = 1024 * 1024
+
+
 class PickleRejected(Exception):
     """``data.pkl`` is malformed, or hostile in a way that stops it from being read at all."""
+
+
+class PickleTooLarge(PickleRejected):
+    """The pickle's structure (without its long payloads) exceeds the caller's limit."""
 
 
 class InertGlobal(type):
@@ -196,11 +219,196 @@ def scan_pickle(data: bytes) -> bool:
     raise PickleRejected("truncated (no STOP opcode)")
 
 
+class Blob:
+    """A long str, bytes or bytearray of a compacted pickle, left where it is in the file.
+
+    ``load()`` reads it (as the unpickler would have built it); blobs are compared by identity,
+    like the memoized objects they stand for.
+    """
+
+    __slots__ = ("_read", "kind", "offset", "size")
+
+    def __init__(self, kind: str, offset: int, size: int, read: Callable[[int, int], bytes]):
+        self.kind = kind  # "str" | "bytes" | "bytearray"
+        self.offset = offset  # in the pickle record
+        self.size = size
+        self._read = read
+
+    def load(self) -> str | bytes | bytearray:
+        data = self._read(self.offset, self.size)
+        if self.kind == "str":
+            return data.decode("utf-8", "surrogatepass")  # what the unpickler does
+        return data if self.kind == "bytes" else bytearray(data)
+
+
+@dataclass(frozen=True, slots=True)
+class Compacted:
+    """A pickle with its long payloads replaced by persistent ids only this reader knows."""
+
+    data: bytes
+    crc32: int  # of the whole original record, payloads included
+    uses_ext: bool
+    token: str
+    blobs: tuple[tuple[str, int, int], ...]  # (kind, offset, size) per blob number
+
+
+_FRAME = 0x95
+# Opcodes whose payload may become a Blob: (kind, width of the length field).
+_BLOB_OPS = {
+    ord("X"): ("str", 4),  # BINUNICODE
+    0x8D: ("str", 8),  # BINUNICODE8
+    ord("B"): ("bytes", 4),  # BINBYTES
+    0x8E: ("bytes", 8),  # BINBYTES8
+    0x96: ("bytearray", 8),  # BYTEARRAY8
+}
+
+
+class _Stream:
+    """The record read front to back in chunks, CRC'd as it goes; ``buf`` holds only
+    ``[start, fetched)``: bytes before what the caller still needs are dropped."""
+
+    def __init__(self, read: Callable[[int, int], bytes], size: int) -> None:
+        self._read = read
+        self.size = size
+        self.buf = bytearray()
+        self.start = 0
+        self.fetched = 0
+        self.crc = 0
+
+    def require(self, keep_from: int, end: int) -> None:
+        """Hold ``[keep_from, end)`` (``end`` clipped to the record), dropping what precedes."""
+        if keep_from > self.start:
+            drop = min(keep_from, self.fetched) - self.start
+            del self.buf[:drop]
+            self.start += drop
+        end = min(end, self.size)
+        while self.fetched < end:
+            n = min(_STREAM_CHUNK, self.size - self.fetched)
+            data = self._read(self.fetched, n)
+            self.crc = zlib.crc32(data, self.crc)
+            skip = min(max(0, keep_from - self.fetched), n)  # only while jumping a payload
+            if skip:
+                self.start = self.fetched + skip
+                self.buf += data[skip:]
+            else:
+                self.buf += data
+            self.fetched += n
+
+    def drain(self) -> int:
+        """Read the rest (for the CRC) and return the CRC of the whole record."""
+        while self.fetched < self.size:
+            n = min(_STREAM_CHUNK, self.size - self.fetched)
+            self.crc = zlib.crc32(self._read(self.fetched, n), self.crc)
+            self.fetched += n
+        self.buf = bytearray()
+        self.start = self.fetched
+        return self.crc
+
+
+def compact_pickle(read: Callable[[int, int], bytes], size: int, max_out: int) -> Compacted:
+    """Stream a pickle record of ``size`` bytes (``read(offset, n)``) through ``scan_pickle``'s
+    checks, replacing str/bytes payloads of ``BLOB_MIN`` bytes or more by persistent ids.
+
+    Memory stays around ``_STREAM_CHUNK`` plus the compacted output, which may not exceed
+    ``max_out`` bytes (``PickleTooLarge``). Memo indices are checked against offsets in the
+    compacted output, which is what the C unpickler sizes its memo by.
+    """
+    stream = _Stream(read, size)
+    token = f"ckptd-blob-{secrets.token_hex(8)}:"
+    out = bytearray()
+    blobs: list[tuple[str, int, int]] = []
+    kinds, uses_ext = _KINDS, False
+    pos = copy_from = 0
+
+    def flush(upto: int) -> None:
+        nonlocal copy_from
+        if len(out) + upto - copy_from > max_out:
+            raise PickleTooLarge(f"its structure is larger than {max_out} bytes")
+        stream.require(copy_from, upto)
+        out.extend(stream.buf[copy_from - stream.start : upto - stream.start])
+        copy_from = upto
+
+    while True:
+        if pos >= size:
+            raise PickleRejected("truncated (no STOP opcode)")
+        if pos + 9 > stream.fetched:  # an opcode and its length field must be at hand
+            flush(pos)
+            stream.require(pos, pos + 9)
+        buf, base = stream.buf, stream.start
+        code = buf[pos - base]
+        k = kinds[code]
+        at, pos = pos, pos + 1
+        if k >= 0:  # fixed-size argument: most opcodes of a torch pickle
+            pos += k
+            if code == _FRAME:  # frames are optional, and their lengths would be wrong now
+                flush(at)
+                copy_from = pos
+        elif k in (_COUNT4, _COUNT4S, _COUNT8):
+            width = 8 if k == _COUNT8 else 4
+            if pos + width > size:
+                raise PickleRejected("truncated (a length field runs past the end)")
+            length = int.from_bytes(
+                buf[pos - base : pos - base + width], "little", signed=k == _COUNT4S
+            )
+            if length < 0:
+                raise PickleRejected(f"negative length at offset {pos}")
+            pos += width + length
+            blob = _BLOB_OPS.get(code)
+            if blob is not None and length >= BLOB_MIN and blob[1] == width:
+                if pos > size:
+                    raise PickleRejected("truncated (a payload runs past the end)")
+                flush(at)
+                marker = f"{token}{len(blobs)}".encode()
+                out += b"X" + len(marker).to_bytes(4, "little") + marker + b"Q"  # BINPERSID
+                blobs.append((blob[0], pos - length, length))
+                copy_from = pos
+        elif k == _COUNT1:
+            pos += 1 + (buf[pos - base] if pos < size else 0)
+        elif k in (_LINE, _LINES2):
+            for _ in range(1 if k == _LINE else 2):
+                while (newline := stream.buf.find(b"\n", pos - stream.start)) < 0:
+                    if stream.fetched >= size:
+                        raise PickleRejected("truncated (a line argument has no end)")
+                    flush(at)
+                    stream.require(at, stream.fetched + _STREAM_CHUNK)
+                pos = newline + stream.start + 1
+        elif k in (_LONG_BINPUT, _PUT):
+            if k == _PUT:
+                while (newline := stream.buf.find(b"\n", pos - stream.start)) < 0:
+                    if stream.fetched >= size:
+                        break
+                    flush(at)
+                    stream.require(at, stream.fetched + _STREAM_CHUNK)
+                buf, base = stream.buf, stream.start
+                try:
+                    index = int(buf[pos - base : newline]) if newline >= 0 else -1
+                except ValueError:
+                    index = -1
+                pos = newline + base + 1 if newline >= 0 else size
+            else:
+                index = int.from_bytes(buf[pos - base : pos - base + 4], "little")
+                pos += 4
+            if not 0 <= index <= len(out) + (at - copy_from) + MEMO_SLACK:
+                raise PickleRejected(f"memo index {index} out of range at offset {at}")
+        elif k == _STOP:
+            flush(pos)
+            break
+        elif k in _EXT_WIDTH:
+            uses_ext = True
+            pos += _EXT_WIDTH[k]
+        else:
+            raise PickleRejected(f"unknown opcode {code:#04x} at offset {at}")
+    return Compacted(bytes(out), stream.drain(), uses_ext, token, tuple(blobs))
+
+
 class _InertLoading:
     """``find_class``/``persistent_load`` shared by the C and the pure-Python unpickler."""
 
     _fix_imports: bool
     _types: dict[tuple[str, str], type[Inert]]
+    _token: str | None = None
+    _blobs: tuple[tuple[str, int, int], ...] = ()
+    _read: Callable[[int, int], bytes] | None = None
 
     def find_class(self, module: str, name: str) -> type[Inert]:
         # Same renaming the stock find_class does for protocol < 3 pickles (py2 names).
@@ -218,7 +426,12 @@ class _InertLoading:
             self._types[key] = stub
         return stub
 
-    def persistent_load(self, pid: Any) -> StorageRef:
+    def persistent_load(self, pid: Any) -> StorageRef | Blob:
+        token = self._token
+        if token is not None and type(pid) is str and pid.startswith(token):
+            kind, offset, size = self._blobs[int(pid[len(token) :])]
+            assert self._read is not None
+            return Blob(kind, offset, size, self._read)
         return StorageRef(pid)
 
 
@@ -239,12 +452,32 @@ class _PyInertUnpickler(_InertLoading, pickle._Unpickler):  # type: ignore[name-
 
 def load_inert(data: bytes) -> Any:
     """Unpickle ``data`` into plain containers, ``Inert`` records and ``StorageRef`` nodes."""
-    uses_ext = scan_pickle(data)
+    return _load(data, scan_pickle(data))
+
+
+def load_compacted(compacted: Compacted, read: Callable[[int, int], bytes]) -> Any:
+    """``load_inert`` of a ``compact_pickle`` result; its blobs become ``Blob`` nodes that
+    ``read(offset, size)`` from the original record."""
+    return _load(compacted.data, compacted.uses_ext, compacted, read)
+
+
+def _load(
+    data: bytes,
+    uses_ext: bool,
+    compacted: Compacted | None = None,
+    read: Callable[[int, int], bytes] | None = None,
+) -> Any:
     proto = data[1] if data[:1] == b"\x80" and len(data) > 1 else 0
     cls = _PyInertUnpickler if uses_ext else _CInertUnpickler
     unpickler = cls(io.BytesIO(data), encoding="utf-8")  # torch.load's default encoding
     unpickler._fix_imports = proto < 3
     unpickler._types = {}
+    if compacted is not None and compacted.blobs:
+        unpickler._token, unpickler._blobs, unpickler._read = (
+            compacted.token,
+            compacted.blobs,
+            read,
+        )
     try:
         return unpickler.load()
     except PickleRejected:

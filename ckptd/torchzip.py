@@ -307,6 +307,10 @@ class SourceArchive:
             raise self._corrupt(f"has overlapping or out-of-bounds data for {entry.raw_name!r}.")
         return offset
 
+    def pread(self, size: int, offset: int) -> bytes:
+        """``size`` bytes at ``offset`` of the file (CheckpointChangedError if it got shorter)."""
+        return _pread(self.fd, size, offset, self.path)
+
     def read(self, name: str, max_size: int) -> bytes:
         """Read a whole (small) record and check its CRC."""
         entry = self.entries.get(name)
