@@ -7,6 +7,9 @@ unchanged since it was planned.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import time
 from pathlib import Path
 
@@ -52,6 +55,28 @@ def _policy_input(observation: Observation, now: float) -> PolicyInput:
     )
 
 
+def _identity(work_dir: Path) -> tuple[int, int]:
+    """(device, inode) of the folder the work_dir's path leads to, never through a symlink."""
+    st = os.lstat(work_dir)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(
+            errno.ENOTDIR, "is not a folder (a symlink or a file); ckptd stays out", work_dir
+        )
+    return st.st_dev, st.st_ino
+
+
+def _still_there(work_dir: Path, identity: tuple[int, int]) -> None:
+    """Stop the pass when the work_dir (or a folder above it) was moved or swapped meanwhile:
+    paths would now lead into another folder, which ckptd must neither write nor clean up."""
+    if _identity(work_dir) != identity:
+        raise OSError(
+            errno.ESTALE,
+            "was moved or replaced during the pass (the path leads to another folder now); "
+            "nothing more was done there, the next pass looks again",
+            work_dir,
+        )
+
+
 def _act(
     target: Target,
     layout: Layout,
@@ -59,7 +84,9 @@ def _act(
     state: WorkDirState,
     options: PassOptions,
     report: WorkDirReport,
+    identity: tuple[int, int],
 ) -> None:
+    _still_there(target.work_dir, identity)
     artifacts_ok = ensure_artifacts(target, layout, observation, state, options, report)
     # Re-plan: a best whose artifact was just written no longer needs its full checkpoint.
     observation.ready |= {a.key for a in report.artifacts if a.status == "written"}
@@ -73,6 +100,7 @@ def _act(
         return
     if options.dry_run or target.project.dry_run:
         return
+    _still_there(target.work_dir, identity)
     remove_stale_temp_dirs(target.work_dir)  # trash of a deletion a crash interrupted
     for decision in report.plan.deletions:
         outcome = _delete(target.work_dir, decision)
@@ -134,6 +162,7 @@ def _reconcile_locked(
         )
     if not dry_run:
         lock.acquire()
+    identity = _identity(target.work_dir)
     state, note = load_state(target.work_dir)
     if note:
         report.notes.append(note)
@@ -155,7 +184,7 @@ def _reconcile_locked(
     if observation.scan.resume_note:
         report.notes.append(observation.scan.resume_note)
     report.notes.extend(observation.notes)
-    _act(target, layout, observation, state, options, report)
+    _act(target, layout, observation, state, options, report, identity)
     if report.plan is not None:
         report.notes.extend(report.plan.notes)
     state.layout = layout.name
@@ -168,4 +197,5 @@ def _reconcile_locked(
             "errors": len(report.errors),
             "reclaimed_bytes": report.reclaimed_bytes,
         }
+        _still_there(target.work_dir, identity)
         save_state(target.work_dir, state)

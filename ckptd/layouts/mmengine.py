@@ -28,7 +28,8 @@ from ckptd.layouts.base import (
 )
 from ckptd.model import Checkpoint, EvalRecord, Problem, Skipped
 
-CHECKPOINT_NAME = re.compile(r"(epoch|iter)_(\d+)\.pth")
+# ASCII digits only: str.format writes no others, and e.g. 'epoch_١.pth' is not a checkpoint
+CHECKPOINT_NAME = re.compile(r"(epoch|iter)_(\d+)\.pth", re.ASCII)
 POINTER = "last_checkpoint"
 LAUNCH_NAME = re.compile(r"\d{8}_\d{6}")  # MMEngine's per-launch folder, e.g. 20240101_120000
 # Added by MMEngine's LoggerHook/LogProcessor to every val line; not evaluation metrics.
