@@ -415,6 +415,12 @@ def _recheck_time(report: WorkDirReport, settle: float, now: float) -> float | N
     grace = report.target.project.retention.pending_eval_grace
     wall = time.time()
     for c in observation.scan.checkpoints:
+        # A checkpoint too young to trust is looked at again the moment it is `settle` old,
+        # not `settle` after this pass (polling adds its own delay before the pass).
+        young = c.stat.mtime_ns / 1e9 + settle - wall
+        if not c.complete and young > 0:
+            times.append(now + young + 0.05)
+    for c in observation.scan.checkpoints:
         if c.index not in observation.evaluated:
             expires = c.stat.mtime_ns / 1e9 + grace - wall
             if expires > 0:
