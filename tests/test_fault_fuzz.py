@@ -549,8 +549,8 @@ def config_data(draw: st.DrawFn) -> Any:
         holder = project[section] if section else project
         holder[key] = draw(PLAUSIBLE[key])
     for _ in range(draw(st.integers(0, 2))):  # unknown keys, wrong types, missing keys
-        sections = [data, project, project.get("retention"), data.get("watch")]
-        where = draw(st.sampled_from([d for d in sections if isinstance(d, dict)]))
+        parts = [data, project, project.get("retention"), data.get("watch")]
+        where: dict[str, Any] = draw(st.sampled_from([d for d in parts if isinstance(d, dict)]))
         how = draw(st.sampled_from(["add", "replace", "drop"]))
         if how == "add":
             where[draw(st.text(min_size=1, max_size=6))] = draw(junk)

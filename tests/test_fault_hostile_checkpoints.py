@@ -30,8 +30,14 @@ from tests.helpers import REPO, write_config
 
 ALL_FOUR = ["epoch_1.pth", "epoch_2.pth", "epoch_3.pth", "epoch_4.pth"]
 WHERE = (*PLACES, "root")  # root: data.pkl is the payload itself, not a dict
-REFUSED = ("os.system", "posix.system", "argparse.Namespace", "subprocess.Popen")
-REFUSED += ("builtins.getattr", "ckptd_fault_nowhere.UnknownThing")
+REFUSED = (
+    "os.system",
+    "posix.system",
+    "argparse.Namespace",
+    "subprocess.Popen",
+    "builtins.getattr",
+    "ckptd_fault_nowhere.UnknownThing",
+)
 
 
 def _root_payload(source: Path, target: Path, body: bytes) -> None:
