@@ -17,7 +17,21 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirAttribEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
@@ -46,6 +60,14 @@ REMOTE_FSTYPES = frozenset(
         "virtiofs",
     }
 )
+# Every event but "opened" and "closed without writing", which _Handler ignores anyway. Asking
+# the kernel not to report them at all keeps reads (ckptd's own scans included) from waking
+# three threads per directory opened: at 200 work_dirs that was most of the idle wakeups.
+WATCHED_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent, DirCreatedEvent, FileDeletedEvent, DirDeletedEvent, FileModifiedEvent,
+    DirModifiedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent, FileAttribEvent,
+    DirAttribEvent,
+]  # fmt: skip
 WATCH_LIMIT_HELP = (
     "inotify watch limit reached (fs.inotify.max_user_watches); polling this folder instead. "
     "Raise the limit with: sysctl -w fs.inotify.max_user_watches=524288 (and persist it in "
@@ -164,7 +186,9 @@ class Watcher:
         polling = self.kind_for(folder) == "poll" or folder in self.fell_back
         observer = self._polling if polling else self._inotify
         try:
-            watch = observer.schedule(handler, str(folder), recursive=False)
+            watch = observer.schedule(
+                handler, str(folder), recursive=False, event_filter=WATCHED_EVENTS
+            )
         except OSError as exc:
             if observer is self._inotify and exc.errno in (errno.ENOSPC, errno.EMFILE):
                 log.warning(
@@ -173,7 +197,9 @@ class Watcher:
                 )
                 self.fell_back.add(folder)
                 observer = self._polling
-                watch = observer.schedule(handler, str(folder), recursive=False)
+                watch = observer.schedule(
+                    handler, str(folder), recursive=False, event_filter=WATCHED_EVENTS
+                )
             elif exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 return  # vanished between listing and watching; the next sync sees it
             else:
