@@ -9,6 +9,7 @@ and the periodic resync bounds even that.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -42,6 +43,8 @@ BACKOFF_START, BACKOFF_MAX = 5.0, 300.0
 BUSY_RETRY = 30.0
 LOOP_STALE_AFTER = 30.0  # the loop wakes at least every second; 30 s means it is stuck
 STOP_GRACE = 8.0  # SIGTERM: in-flight work gets this long; systemd's default is 90 s
+# A folder modified this recently may change again within its mtime's granularity: not cached.
+SETTLED_FOLDER = 2.0
 
 
 class Cancelled(Exception):
@@ -94,6 +97,9 @@ class Daemon:
         self._resync_at = 0.0
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckptd-worker")
         self._futures: dict[Path, Future[WorkDirReport]] = {}
+        # work_dir -> (mtimes of its watched folders, those folders): layout detection and
+        # listing run again only when one of the folders changed (idle cost at 200 work_dirs).
+        self._watch_folders: dict[Path, tuple[tuple[int, ...], list[Path]]] = {}
         self._publisher: PublishQueue | None = None  # started with the first artifact.publish
         watch = loaded.config.watch
         self.watcher = Watcher(watch.mode, watch.poll_interval, self._on_change)
@@ -175,12 +181,24 @@ class Daemon:
 
     def _sync_watches(self) -> None:
         per_dir = []
+        cache: dict[Path, tuple[tuple[int, ...], list[Path]]] = {}
         for path, slot in list(self.slots.items()):
+            cached = self._watch_folders.get(path)
+            if cached is not None and _folder_stamps(cached[1]) == cached[0]:
+                cache[path] = cached  # none of its folders changed: same layout, same folders
+                per_dir.append((path, cached[1]))
+                continue
             try:
                 layout = choose_layout(path, slot.target.project.layout)
             except (LayoutError, OSError):
                 layout = None
-            per_dir.append((path, layout.watch_folders(path) if layout else [path]))
+            folders = layout.watch_folders(path) if layout else [path]
+            stamps = _folder_stamps(folders)
+            recent = time.time() - SETTLED_FOLDER
+            if layout is not None and stamps and max(stamps) < recent * 1e9:
+                cache[path] = (stamps, folders)
+            per_dir.append((path, folders))
+        self._watch_folders = cache
         self.watcher.sync(watch_plan(per_dir, discovery_folders(self.loaded)))
 
     # --- the main loop -------------------------------------------------------------------
@@ -400,6 +418,17 @@ class Daemon:
             slot.lock.release()
         self.notifier.close()
         log.info("stopped")
+
+
+def _folder_stamps(folders: list[Path]) -> tuple[int, ...]:
+    """mtime_ns of each folder (-1 if gone): a new entry in any of them changes this."""
+    stamps = []
+    for folder in folders:
+        try:
+            stamps.append(os.stat(folder).st_mtime_ns)
+        except OSError:
+            stamps.append(-1)
+    return tuple(stamps)
 
 
 def _recheck_time(report: WorkDirReport, settle: float, now: float) -> float | None:
