@@ -145,11 +145,11 @@ def _pass(args: argparse.Namespace, dry_run: bool) -> tuple[list, list[str]]:
     return reports, found.notes
 
 
-def cmd_once(args: argparse.Namespace) -> int:
+def _print_pass(args: argparse.Namespace, dry_run: bool, summary: bool) -> int:
     from ckptd.report import format_report, report_json
     from ckptd.units import format_size
 
-    reports, notes = _pass(args, dry_run=args.dry_run)
+    reports, notes = _pass(args, dry_run=dry_run)
     if args.json:
         print(json.dumps({"notes": notes, "work_dirs": [report_json(r) for r in reports]}))
     else:
@@ -157,27 +157,24 @@ def cmd_once(args: argparse.Namespace) -> int:
             print(f"note: {note}")
         for report in reports:
             print(format_report(report))
-        reclaimed = sum(r.reclaimed_bytes for r in reports)
-        failed = sum(r.failed for r in reports)
-        print(
-            f"{len(reports)} work_dir(s), {failed} with errors, reclaimed {format_size(reclaimed)}"
-            + (" (dry run: nothing changed)" if args.dry_run else "")
-        )
+        if summary:
+            reclaimed = sum(r.reclaimed_bytes for r in reports)
+            failed = sum(r.failed for r in reports)
+            print(
+                f"{len(reports)} work_dir(s), {failed} with errors, "
+                f"reclaimed {format_size(reclaimed)}"
+                + (" (dry run: nothing changed)" if dry_run else "")
+            )
     return EXIT_ERRORS if any(r.failed for r in reports) else EXIT_OK
+
+
+def cmd_once(args: argparse.Namespace) -> int:
+    return _print_pass(args, dry_run=args.dry_run, summary=True)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ckptd.report import format_report, report_json
-
-    reports, notes = _pass(args, dry_run=True)
-    if args.json:
-        print(json.dumps({"notes": notes, "work_dirs": [report_json(r) for r in reports]}))
-    else:
-        for note in notes:
-            print(f"note: {note}")
-        for report in reports:
-            print(format_report(report))
-    return EXIT_ERRORS if any(r.failed for r in reports) else EXIT_OK
+    # status is a dry run: the plan as it stands, read without taking locks or writing
+    return _print_pass(args, dry_run=True, summary=False)
 
 
 def _slim_destination(args: argparse.Namespace) -> tuple[Path, str]:
