@@ -43,15 +43,18 @@ TRAINERS = int(env_number("CKPTD_SOAK_TRAINERS", 10))
 EPOCH_SECONDS = (2.0, 3.5)  # each trainer's pace, drawn once
 WARM_UP = 15.0  # seconds of a lifetime before memory and descriptors must be flat
 MiB = 1 << 20
+# ckptd keeps every evaluation record it has read (state, last report): ~2 KB each, measured.
+# Memory may grow with that history, at most this much per record; anything beyond is a leak.
+PER_EVAL = 4096
 
 
 @dataclass
 class Lifetime:
     pid: int
     ended_by: str = ""
-    samples: list[tuple[float, int, int]] = field(default_factory=list)  # (t, rss, fds)
+    samples: list[tuple[float, int, int, int]] = field(default_factory=list)  # t, rss, fds, evals
 
-    def steady(self) -> list[tuple[float, int, int]]:
+    def steady(self) -> list[tuple[float, int, int, int]]:
         start = self.samples[0][0] if self.samples else 0
         return [s for s in self.samples if s[0] - start >= WARM_UP]
 
@@ -61,18 +64,21 @@ class Lifetime:
             return f"pid {self.pid}: too short to judge", []
         third = max(1, len(steady) // 3)
         head, tail = steady[:third], steady[-third:]
-        rss_growth = max(s[1] for s in tail) - max(s[1] for s in head)
+        evals = tail[-1][3] - head[0][3]
+        excess = max(s[1] for s in tail) - max(s[1] for s in head) - PER_EVAL * evals
         fd_growth = min(s[2] for s in tail) - min(s[2] for s in head)
-        slope = _slope([(t, r / MiB) for t, r, _ in steady]) * 60  # MiB per minute
+        # the growth that the evaluation history does not explain, per minute
+        slope = _slope([(t, (r - PER_EVAL * e) / MiB) for t, r, _, e in steady]) * 60
         text = (
             f"pid {self.pid} ({self.ended_by}): RSS {head[0][1] / MiB:.1f} -> "
-            f"{tail[-1][1] / MiB:.1f} MiB ({slope:+.2f} MiB/min), fds {min(s[2] for s in head)}"
+            f"{tail[-1][1] / MiB:.1f} MiB with {evals} more evaluations held "
+            f"(unexplained {slope:+.2f} MiB/min), fds {min(s[2] for s in head)}"
             f" -> {min(s[2] for s in tail)}"
         )
         problems = []
         # a slope over less than 5 minutes is noise (allocator warm-up); judge it on long runs
         long_run = steady[-1][0] - steady[0][0] >= 300
-        if rss_growth > 8 * MiB or (long_run and slope > 0.5):
+        if excess > 8 * MiB or (long_run and slope > 0.5):
             problems.append(f"memory grows: {text}")
         if fd_growth > 2:
             problems.append(f"file descriptors leak: {text}")
@@ -147,7 +153,9 @@ def test_soak(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         signals = [signal.SIGTERM, signal.SIGKILL]
         while time.monotonic() - started < SECONDS:
             now = time.monotonic()
-            lifetime.samples.append((now, rss_bytes(daemon.pid), fd_count(daemon.pid)))
+            with stream.lock:
+                evals = sum(len(c.view.evals) for c in checkers)
+            lifetime.samples.append((now, rss_bytes(daemon.pid), fd_count(daemon.pid), evals))
             if now >= next_check:  # invariant 3, on disk, for every work_dir
                 for work_dir in work_dirs:
                     problems += _artifact_problems_settled(work_dir / "best")
