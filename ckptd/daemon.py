@@ -62,6 +62,7 @@ class WorkDirSlot:
     busy_holder: str = ""
     last_ok: float | None = None
     last_report: WorkDirReport | None = None
+    attempted: bool = False  # a pass finished (ok, failed, or skipped as locked)
     closed: dict[str, FileStat] = field(default_factory=dict)
 
 
@@ -189,7 +190,7 @@ class Daemon:
                 per_dir.append((path, cached[1]))
                 continue
             try:
-                layout = choose_layout(path, slot.target.project.layout)
+                layout = choose_layout(path, slot.target.project.layout, slot.target.project)
             except (LayoutError, OSError):
                 layout = None
             folders = layout.watch_folders(path) if layout else [path]
@@ -275,6 +276,12 @@ class Daemon:
 
     def _finished(self, slot: WorkDirSlot, future: Future[WorkDirReport]) -> None:
         now = time.monotonic()
+        if future.cancelled():
+            # Queued when SIGTERM came: never started, nothing to report, the next start redoes it.
+            with self._cond:
+                slot.running = False
+                self._futures.pop(slot.target.work_dir, None)
+            return
         try:
             report = future.result()
         except Cancelled as exc:
@@ -285,6 +292,7 @@ class Daemon:
             report = None
         with self._cond:
             slot.running = False
+            slot.attempted = True
             self._futures.pop(slot.target.work_dir, None)
             next_due = self._next_due(slot, report, now)
             if next_due is not None:
@@ -357,9 +365,9 @@ class Daemon:
         if self.health.first_pass_done:
             return
         with self._cond:
-            pending = any(
-                s.last_report is None and (s.running or s.due) for s in self.slots.values()
-            )
+            # A work_dir that failed or is locked by another ckptd counts as visited: READY
+            # means "every work_dir had its first pass", not "every pass succeeded".
+            pending = any(not s.attempted for s in self.slots.values())
         if not pending:
             self.health.first_pass_done = True
             self.notifier.ready(self.status_line())

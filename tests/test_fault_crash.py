@@ -400,12 +400,6 @@ def test_an_orphan_artifact_stays_until_a_newer_best_is_published(
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon.py: SIGTERM cancels queued passes (pool.shutdown(cancel_futures=True)) and "
-    "Daemon._finished logs each CancelledError as 'unexpected error; will retry' with a "
-    "traceback; a cancelled future should be skipped silently",
-)
 def test_sigterm_with_queued_passes_logs_no_error(tmp_path: Path) -> None:
     from tests.faults.trainer import replay_now
 

@@ -154,12 +154,6 @@ def test_takeover_without_any_event_within_the_retry_interval(
     report(capsys, "quiet takeover after kill -9", takeover_s=round(takeover, 1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon.py: a work_dir locked by another ckptd never counts as reconciled "
-    "(_next_due returns before setting slot.last_report), so _check_first_pass never sends "
-    "READY=1 / never makes /healthz 200: a standby ckptd on shared storage cannot start",
-)
 def test_second_daemon_becomes_ready_while_the_first_holds_the_lock(tmp_path: Path) -> None:
     work_dir = tmp_path / "work_dirs" / "run"
     work_dir.mkdir(parents=True)
