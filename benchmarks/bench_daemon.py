@@ -60,10 +60,17 @@ class Sizes:
     scalar_lines: int = 1_000_000
     trainers: int = 20
     load_seconds: int = 120
+    repeats: int = 5  # of the start-up measurements
 
 
 QUICK = Sizes(
-    work_dirs=10, checkpoints=8, idle_seconds=3.0, scalar_lines=20_000, trainers=3, load_seconds=6
+    work_dirs=10,
+    checkpoints=6,
+    idle_seconds=2.0,
+    scalar_lines=20_000,
+    trainers=3,
+    load_seconds=3,
+    repeats=1,
 )
 
 
@@ -122,9 +129,9 @@ def startup_and_idle(root: Path, sizes: Sizes, idle: bool, verdicts: list[Verdic
         f"first-ever pass (`ckptd once`, no state yet, {slimmed} artifacts written): "
         f"{fmt_s(cold.wall)}, CPU {fmt_s(cold.cpu)}, peak RSS {cold.maxrss_mib:.0f} MiB"
     )
-    onces = [run([*ckptd_cmd(), "once", "-c", str(config)]).check() for _ in range(5)]
+    onces = [run([*ckptd_cmd(), "once", "-c", str(config)]).check() for _ in range(sizes.repeats)]
     readies: list[float] = []
-    for i in range(3):
+    for i in range(max(1, sizes.repeats - 2)):
         with DaemonProc(config, root / f"startup-{i}.log") as daemon:
             readies.append(daemon.wait_for("ready", timeout=300))
             daemon.stop()
@@ -152,7 +159,7 @@ def startup_and_idle(root: Path, sizes: Sizes, idle: bool, verdicts: list[Verdic
 def idle_cost(root: Path, config: Path, sizes: Sizes, verdicts: list[Verdict]) -> None:
     with DaemonProc(config, root / "idle.log") as daemon:
         daemon.wait_for("ready", timeout=300)
-        time.sleep(min(5.0, sizes.idle_seconds))
+        time.sleep(min(5.0, sizes.idle_seconds / 3))
         pid = daemon.pid
         print(f"idle: measuring {sizes.idle_seconds:g} s ...", flush=True)
         cpu0, wake0, t0 = proc_cpu_seconds(pid), proc_wakeups(pid), time.monotonic()
@@ -165,8 +172,9 @@ def idle_cost(root: Path, config: Path, sizes: Sizes, verdicts: list[Verdict]) -
         # A resync (every watch.resync_interval, default 5 min) is a full pass: SIGHUP forces one.
         os.kill(pid, signal.SIGHUP)
         daemon.wait_for("config reloaded", timeout=60)
-        time.sleep(8.0)
-        resync_cpu = proc_cpu_seconds(pid) - cpu1 - 8.0 * (cpu1 - cpu0) / (t1 - t0)
+        after = min(8.0, sizes.idle_seconds / 3)  # a resync of 200 work_dirs takes ~1 s
+        time.sleep(after)
+        resync_cpu = proc_cpu_seconds(pid) - cpu1 - after * (cpu1 - cpu0) / (t1 - t0)
         errors = daemon.errors()
         daemon.stop()
     share = (cpu1 - cpu0) / (t1 - t0)

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_latency.py                 # both modes, 20 epochs (~3 min)
     .venv/bin/python benchmarks/bench_latency.py --mode inotify  # one mode
-    .venv/bin/python benchmarks/bench_latency.py --quick         # smoke run: 3 epochs
+    .venv/bin/python benchmarks/bench_latency.py --quick         # smoke run: 1 epoch
 
 A simulated MMEngine trainer (``benchmarks/sim_driver.py``, a child process) writes one epoch
 per period, every epoch a new best, and prints when each val line landed. ``ckptd run`` (a
@@ -172,13 +172,13 @@ def main() -> int:
     )
     parser.add_argument("--poll-interval", type=float, default=2.0, help="watch.poll_interval")
     parser.add_argument("--settle", type=float, default=2.0, help="watch.settle")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 3 epochs")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch")
     parser.add_argument(
         "--baseline", type=Path, help="also run each mode with the ckptd/ package in this folder"
     )
     args = parser.parse_args()
     if args.quick:
-        args.epochs, args.param_count = 3, 200_000
+        args.epochs, args.param_count = 1, 200_000
         args.poll_interval = args.settle = 0.5
     header("ckptd reaction latency", [Path(PYTHON).name, *sys.argv])
     modes = ["inotify", "poll"] if args.mode == "both" else [args.mode]
@@ -187,7 +187,7 @@ def main() -> int:
         # Room for one pass per epoch: a poll round, the settle time and the slim.
         period = 2.5 if mode == "inotify" else args.poll_interval * 2 + args.settle + 1.0
         if args.quick:
-            period = 1.5 if mode == "inotify" else 2.0
+            period = 1.0 if mode == "inotify" else 1.5
         print(f"{mode}: {args.epochs} epochs, one every {period:g} s ...", flush=True)
         for baseline in [None, args.baseline] if args.baseline else [None]:
             results.append(
