@@ -21,9 +21,15 @@ class DaemonProcess:
     """``ckptd --log-format json run -c CONFIG`` with its log in a file the test can read."""
 
     def __init__(
-        self, config: Path, *extra: str, env: dict[str, str] | None = None, log: Path | None = None
+        self,
+        config: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
     ) -> None:
         self.config = config
+        self.wrap = wrap  # e.g. run it in another mount namespace, as another user
         self.log_path = log or config.parent / f"ckptd-{time.monotonic_ns()}.log"
         self.extra = extra
         self.env = {**os.environ, **(env or {})}
@@ -31,8 +37,9 @@ class DaemonProcess:
 
     def start(self) -> DaemonProcess:
         self._log = self.log_path.open("ab")
+        argv = [*CKPTD_RUN, "-c", str(self.config), *self.extra]
         self.proc = subprocess.Popen(
-            [*CKPTD_RUN, "-c", str(self.config), *self.extra],
+            self.wrap(argv) if self.wrap else argv,
             stdout=self._log,
             stderr=self._log,
             cwd=REPO,

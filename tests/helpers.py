@@ -101,3 +101,28 @@ def inventory(root: Path) -> dict[str, tuple[int, int]]:
             st = os.lstat(path)
             found[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
     return found
+
+
+def python_for_uid(
+    uid: int, gid: int, modules: tuple[str, ...] = ("ckptd.cli",)
+) -> tuple[str, dict[str, str]]:
+    """An interpreter that another uid can run with this venv's packages and this checkout
+    (a pyenv Python under /root is out of its reach: then the system's python3.X)."""
+    import contextlib
+    import sysconfig
+
+    import pytest
+
+    paths = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], str(REPO)}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sorted(paths)))
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    probe = "import " + ", ".join(modules)
+    for python in (sys.executable, f"/usr/bin/python{version}"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            ok = subprocess.run(
+                [python, "-c", probe], user=uid, group=gid, extra_groups=[], env=env, cwd="/",
+                capture_output=True, timeout=120,
+            )  # fmt: skip
+            if ok.returncode == 0:
+                return python, env
+    pytest.skip(f"no Python {version} here that uid {uid} may run with the venv's packages")

@@ -20,7 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import urllib.request
@@ -32,6 +31,7 @@ import yaml
 
 from ckptd.cli import build_parser
 from ckptd.config import LoadedConfig, parse_config
+from tests.helpers import python_for_uid
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -680,21 +680,7 @@ def test_metrics_server_in_the_sandbox(sandbox: Any, tmp_path: Path) -> None:
 
 
 def python_for(uid: int, gid: int) -> tuple[str, dict[str, str]]:
-    """An interpreter that another uid can run with this venv's packages and this checkout
-    (a pyenv Python under /root is out of its reach: then the system's python3.X)."""
-    paths = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], str(REPO)}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sorted(paths)))
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    for python in (sys.executable, f"/usr/bin/python{version}"):
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            probe = [python, "-c", "import ckptd.cli, ckptd.simulate, pyseccomp"]
-            ok = subprocess.run(
-                probe, user=uid, group=gid, extra_groups=[], env=env, cwd="/",
-                capture_output=True, timeout=120,
-            )  # fmt: skip
-            if ok.returncode == 0:
-                return python, env
-    pytest.skip(f"no Python {version} here that uid {uid} may run with the venv's packages")
+    return python_for_uid(uid, gid, modules=("ckptd.cli", "ckptd.simulate", "pyseccomp"))
 
 
 def test_group_permission_model(sandbox: Any) -> None:
