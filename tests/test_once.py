@@ -311,3 +311,15 @@ def test_slim_command_like_publish_model(run: Path, tmp_path: Path) -> None:
     )
     code, _, err = cli("slim", str(run / "epoch_3.pth"), "--keep-keys", "meta,nope")
     assert code == 1 and "nope" in err
+
+
+def test_ckptd_umask_makes_its_folders_group_writable(run: Path) -> None:
+    from tests.helpers import cli_process
+
+    root = run.parent.parent
+    result = cli_process(
+        "once", "-c", str(root / "ckptd.yaml"), env={**os.environ, "CKPTD_UMASK": "0002"}
+    )
+    assert result.returncode == 0, result.stderr
+    for folder in (run / "best", run / ".ckptd"):
+        assert folder.stat().st_mode & 0o777 == 0o775, folder
