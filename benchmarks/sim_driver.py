@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from ckptd.simulate import SimConfig, SimulatedTrainer
 
 
@@ -44,6 +46,9 @@ def main() -> int:
         "--jitter", type=float, default=0.0, help="start each round up to this much late, at random"
     )
     args = parser.parse_args()
+    # Tiny models: one intra-op thread. Two OpenMP threads spin-wait for each other on a busy
+    # machine, turning a 10 ms epoch into seconds of CPU and the driver's cadence into bursts.
+    torch.set_num_threads(1)
     values = metric_values(args.pattern, args.epochs)
     trainers = [
         SimulatedTrainer(
