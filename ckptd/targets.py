@@ -58,7 +58,25 @@ def discover(loaded: LoadedConfig) -> Discovery:
                 f"project {project.name!r}: no folder matches "
                 + ", ".join(expand_pattern(p, loaded.base_dir) for p in project.work_dirs)
             )
+    _refuse_shared_artifact_dirs(found)
     return found
+
+
+def _refuse_shared_artifact_dirs(found: Discovery) -> None:
+    """Work_dirs whose artifact.dir is one folder would overwrite each other's manifest and,
+    for a best at the same epoch, each other's artifact: manage none of them."""
+    by_folder: dict[str, list[Target]] = {}
+    for target in found.targets:
+        by_folder.setdefault(os.path.realpath(target.artifact_dir), []).append(target)
+    for folder, targets in by_folder.items():
+        if len(targets) > 1:
+            names = " and ".join(str(t.work_dir) for t in targets)
+            found.notes.append(
+                f"{folder}: artifact.dir of {names}; their artifacts and manifests would "
+                "overwrite each other, so none of them is managed: put {run} or {work_dir} "
+                "in artifact.dir"
+            )
+            found.targets = [t for t in found.targets if t not in targets]
 
 
 def _static_prefix(pattern: str) -> Path:

@@ -630,3 +630,29 @@ def test_config_dry_run_writes_nothing(tmp_path: Path, template: Path) -> None:
     result = bench.reconcile(work_dir)
     assert [a.status for a in result.artifacts] == ["would write"]
     assert sorted(p.name for p in work_dir.rglob("*")) == before
+
+
+def test_an_artifact_dir_shared_by_two_work_dirs_is_refused(tmp_path: Path) -> None:
+    """``artifact.dir: models/{project}`` matching two runs: their manifests would overwrite
+    each other (re-slimming both on every pass) and equal names (best at the same epoch)
+    would replace one run's best model by the other's. Neither is managed; the note says why."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    runs = [tmp_path / "work_dirs" / n for n in ("a", "b")]
+    for run in runs:
+        run.mkdir(parents=True)
+        replay_now(record(), run, upto_epoch=4)
+    shared = tmp_path / "models" / "test"  # write_config names the project "test"
+    config = write_config(tmp_path, artifact={"dir": str(tmp_path / "models" / "{project}")})
+    argv = [sys.executable, "-m", "ckptd", "once", "-c", str(config)]
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO).stdout
+    assert f"note: {shared}: artifact.dir of {runs[0]} and {runs[1]}" in out, out
+    assert "put {run} or {work_dir} in artifact.dir" in out
+    assert not shared.exists()
+    assert all(len(checkpoints(run)) == 4 for run in runs)
+    write_config(tmp_path, artifact={"dir": str(tmp_path / "models" / "{project}" / "{run}")})
+    assert subprocess.run(argv, capture_output=True, cwd=REPO).returncode == 0
+    assert all(checkpoints(run) == {"epoch_3.pth", "epoch_4.pth"} for run in runs)
