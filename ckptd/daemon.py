@@ -101,6 +101,7 @@ class Daemon:
         # work_dir -> (mtimes of its watched folders, those folders): layout detection and
         # listing run again only when one of the folders changed (idle cost at 200 work_dirs).
         self._watch_folders: dict[Path, tuple[tuple[int, ...], list[Path]]] = {}
+        self._discovery_notes: set[str] = set()
         self._publisher: PublishQueue | None = None  # started with the first artifact.publish
         watch = loaded.config.watch
         self.watcher = Watcher(watch.mode, watch.poll_interval, self._on_change)
@@ -153,7 +154,9 @@ class Daemon:
     def _rediscover(self) -> None:
         found = discover(self.loaded)
         for note in found.notes:
-            log.debug(note)
+            if note not in self._discovery_notes:  # said once, not every rediscovery
+                log.warning(note, extra={"fields": {"action": "skip"}})
+        self._discovery_notes = set(found.notes)
         wanted = {t.work_dir: t for t in found.targets}
         now = time.monotonic()
         with self._cond:

@@ -98,6 +98,19 @@ def _judge_completeness(
 
 
 def _unit_of(scan: WorkDirScan) -> str | None:
+    by_index: dict[int, list[str]] = {}
+    for c in scan.checkpoints:
+        by_index.setdefault(c.index, []).append(c.name)
+    for index, names in sorted(by_index.items()):
+        if len(names) > 1:
+            # e.g. epoch_1.pth and epoch_01.pth: which one an evaluation belongs to is a guess
+            scan.problems.append(
+                Problem(
+                    str(scan.work_dir),
+                    f"{' and '.join(sorted(names))} both count {index}; ckptd cannot tell which "
+                    "one the evaluations describe. Remove or rename one of them",
+                )
+            )
     units = sorted({c.unit for c in scan.checkpoints})
     if len(units) > 1:
         scan.problems.append(

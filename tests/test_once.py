@@ -323,3 +323,12 @@ def test_ckptd_umask_makes_its_folders_group_writable(run: Path) -> None:
     assert result.returncode == 0, result.stderr
     for folder in (run / "best", run / ".ckptd"):
         assert folder.stat().st_mode & 0o777 == 0o775, folder
+
+
+def test_two_files_with_one_index_hold_back_deletions(run: Path) -> None:
+    root = run.parent.parent
+    shutil.copy(run / "epoch_2.pth", run / "epoch_02.pth")
+    code, out, _ = once(root)
+    assert code == 1
+    assert "epoch_02.pth and epoch_2.pth both count 2" in out
+    assert len(checkpoints(run)) == 7

@@ -29,7 +29,7 @@ from ckptd.model import Checkpoint, EvalRecord, Problem, Skipped, WorkDirScan
 if TYPE_CHECKING:
     from ckptd.slim import SlimResult
 
-FOLDER = re.compile(r"checkpoint-(\d+)")
+FOLDER = re.compile(r"checkpoint-(\d+)", re.ASCII)
 STATE = "trainer_state.json"
 ARGS = "training_args.bin"
 # A year of logging every step is ~100 MB of log_history; a larger file is not a Trainer's.

@@ -38,9 +38,9 @@ if TYPE_CHECKING:
     from ckptd.config import ProjectConfig
 
 CKPT_SUFFIX = ".ckpt"
-STEP = re.compile(r"(?:^|[-_])step=(\d+)(?=$|[-_.])")
-LAST = re.compile(r"last(?:-v\d+)?\.ckpt")
-VERSION = re.compile(r"version_(\d+)")
+STEP = re.compile(r"(?:^|[-_])step=(\d+)(?=$|[-_.])", re.ASCII)
+LAST = re.compile(r"last(?:-v\d+)?\.ckpt", re.ASCII)
+VERSION = re.compile(r"version_(\d+)", re.ASCII)
 MODE_IN_KEY = re.compile(r"'mode': '(min|max)'")
 # data.pkl holds the structure of every tensor; 64 MiB is far above any real checkpoint's.
 MAX_PICKLE = 64 * 1024 * 1024

@@ -31,7 +31,8 @@ from ckptd.model import Checkpoint, EvalRecord, Problem, Skipped
 # ASCII digits only: str.format writes no others, and e.g. 'epoch_١.pth' is not a checkpoint
 CHECKPOINT_NAME = re.compile(r"(epoch|iter)_(\d+)\.pth", re.ASCII)
 POINTER = "last_checkpoint"
-LAUNCH_NAME = re.compile(r"\d{8}_\d{6}")  # MMEngine's per-launch folder, e.g. 20240101_120000
+# MMEngine's per-launch folder, e.g. 20240101_120000
+LAUNCH_NAME = re.compile(r"\d{8}_\d{6}", re.ASCII)
 # Added by MMEngine's LoggerHook/LogProcessor to every val line; not evaluation metrics.
 NOT_METRICS = frozenset({"step", "data_time", "time"})
 # LogProcessor logs val keys matching its mean_pattern as the mean of the last `window_size`
