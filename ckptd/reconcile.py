@@ -139,7 +139,13 @@ def reconcile(
     except (LayoutError, StateError) as exc:
         report.error("config", str(exc))
     except OSError as exc:
-        report.error("io", f"{exc.filename or target.work_dir}: {exc.strerror or exc}")
+        message = f"{exc.filename or target.work_dir}: {exc.strerror or exc}"
+        if exc.errno == errno.ENOSPC:
+            message += (
+                "; ckptd needs a few KB in the work_dir for its state (.ckptd/) before it can "
+                "delete anything there: free a little space and it will catch up"
+            )
+        report.error("io", message)
     finally:
         if own_lock:
             lock.release()
