@@ -113,9 +113,19 @@ class Layout(ABC):
     def list_checkpoints(self, work_dir: Path) -> tuple[list[Candidate], list[Skipped]]:
         """Checkpoint entries (regular files or folders, never symlinks) and what was skipped."""
 
-    @abstractmethod
     def format_check(self, path: Path) -> tuple[bool | None, str]:
-        """Is this checkpoint complete by its format? ``None``: the format cannot tell."""
+        """Is this checkpoint complete by its format? ``None``: the format cannot tell.
+
+        By default a torch zip archive, complete once its end-of-central-directory records
+        are consistent with its size (a file being written, or truncated and rewritten in
+        place, is not).
+        """
+        from ckptd.torchzip import looks_complete
+
+        verdict = looks_complete(path)
+        if verdict is False:
+            return False, "no valid end of zip archive yet (being written or truncated)"
+        return verdict, ""
 
     @abstractmethod
     def resume_target(self, work_dir: Path, names: set[str]) -> tuple[str | None, str]:

@@ -257,14 +257,6 @@ class LightningLayout(Layout):
                 kept.append(c)
         return kept
 
-    def format_check(self, path: Path) -> tuple[bool | None, str]:
-        from ckptd.torchzip import looks_complete
-
-        verdict = looks_complete(path)
-        if verdict is False:
-            return False, "no valid end of zip archive yet (being written or truncated)"
-        return verdict, ""
-
     def resume_target(self, work_dir: Path, names: set[str]) -> tuple[str | None, str]:
         if self._listed is None:
             self.list_checkpoints(work_dir)

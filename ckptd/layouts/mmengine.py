@@ -106,14 +106,6 @@ class MMEngineLayout(Layout):
             candidates.append(Candidate(entry.name, match.group(1), int(match.group(2)), stat))
         return candidates, skipped
 
-    def format_check(self, path: Path) -> tuple[bool | None, str]:
-        from ckptd.torchzip import looks_complete
-
-        verdict = looks_complete(path)
-        if verdict is False:
-            return False, "no valid end of zip archive yet (being written or truncated)"
-        return verdict, ""
-
     def resume_target(self, work_dir: Path, names: set[str]) -> tuple[str | None, str]:
         text, note = read_pointer_file(work_dir / POINTER)
         if not text:
