@@ -15,8 +15,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import hashlib
 import os
+import sys
 import threading
 import zlib
 from collections.abc import Callable, Sequence
@@ -84,6 +86,25 @@ def copy_range(
         on_chunk(done)
 
 
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>; the os module has no sync_file_range
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (Linux), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes  # only a slim needs it: not at daemon start
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
 class _Writeback:
     """Starts writeback of the output as it is written, so the final fsync has little left.
 
@@ -94,15 +115,13 @@ class _Writeback:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._done = 0
-        self._enabled = hasattr(os, "sync_file_range")
+        self._call = _sync_file_range()
 
     def start(self, upto: int) -> None:
-        if not self._enabled or upto <= self._done:
+        if self._call is None or upto <= self._done:
             return
-        try:
-            os.sync_file_range(self._fd, self._done, upto - self._done, os.SYNC_FILE_RANGE_WRITE)
-        except OSError:
-            self._enabled = False
+        if self._call(self._fd, self._done, upto - self._done, _SYNC_FILE_RANGE_WRITE) != 0:
+            self._call = None  # e.g. a filesystem that refuses: the fsync does it all
         self._done = upto
 
 
