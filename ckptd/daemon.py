@@ -9,7 +9,6 @@ and the periodic resync bounds even that.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -24,7 +23,15 @@ from ckptd.fsutil import FileStat
 from ckptd.layouts import LayoutError, choose_layout
 from ckptd.metrics import DaemonMetrics
 from ckptd.reconcile import PassOptions, Target, WorkDirReport, reconcile
-from ckptd.report import log_actions
+from ckptd.report import log_actions, metrics_of
+from ckptd.schedule import (
+    BUSY_RETRY,
+    DEBOUNCE,
+    WorkDirSlot,
+    backoff,
+    folder_stamps,
+    recheck_time,
+)
 from ckptd.sdnotify import Notifier, watchdog_interval
 from ckptd.state import WorkDirLock
 from ckptd.targets import discover, discovery_folders
@@ -37,10 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ckptd.daemon")
 
-DEBOUNCE = 0.2  # coalesce the burst of events one checkpoint or log line causes
 REDISCOVER_EVERY = 10.0  # new work_dirs under globs whose parents are not watched
-BACKOFF_START, BACKOFF_MAX = 5.0, 300.0
-BUSY_RETRY = 30.0
 LOOP_STALE_AFTER = 30.0  # the loop wakes at least every second; 30 s means it is stuck
 STOP_GRACE = 8.0  # SIGTERM: in-flight work gets this long; systemd's default is 90 s
 # A folder modified this recently may change again within its mtime's granularity: not cached.
@@ -49,21 +53,6 @@ SETTLED_FOLDER = 2.0
 
 class Cancelled(Exception):
     """Raised inside a slim when the daemon must stop before it would finish."""
-
-
-@dataclass(slots=True)
-class WorkDirSlot:
-    target: Target
-    lock: WorkDirLock
-    due: float | None = None
-    running: bool = False
-    again: bool = False  # changed while a pass was running
-    failures: int = 0
-    busy_holder: str = ""
-    last_ok: float | None = None
-    last_report: WorkDirReport | None = None
-    attempted: bool = False  # a pass finished (ok, failed, or skipped as locked)
-    closed: dict[str, FileStat] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -188,7 +177,7 @@ class Daemon:
         cache: dict[Path, tuple[tuple[int, ...], list[Path]]] = {}
         for path, slot in list(self.slots.items()):
             cached = self._watch_folders.get(path)
-            if cached is not None and _folder_stamps(cached[1]) == cached[0]:
+            if cached is not None and folder_stamps(cached[1]) == cached[0]:
                 cache[path] = cached  # none of its folders changed: same layout, same folders
                 per_dir.append((path, cached[1]))
                 continue
@@ -197,7 +186,7 @@ class Daemon:
             except (LayoutError, OSError):
                 layout = None
             folders = layout.watch_folders(path) if layout else [path]
-            stamps = _folder_stamps(folders)
+            stamps = folder_stamps(folders)
             recent = time.time() - SETTLED_FOLDER
             if layout is not None and stamps and max(stamps) < recent * 1e9:
                 cache[path] = (stamps, folders)
@@ -350,7 +339,7 @@ class Daemon:
                 log_actions(report, log, slot.last_report)
                 slot.last_report = report
             slot.failures += 1
-            return now + min(BACKOFF_MAX, BACKOFF_START * 2 ** (slot.failures - 1))
+            return now + backoff(slot.failures)
         slot.failures = 0
         if report.skipped.startswith("locked"):
             if report.skipped != slot.busy_holder:
@@ -362,7 +351,7 @@ class Daemon:
         slot.last_ok = time.time()
         self.health.last_success = slot.last_ok
         slot.last_report = report
-        return _recheck_time(report, self.loaded.config.watch.settle, now)
+        return recheck_time(report, self.loaded.config.watch.settle, now)
 
     def _check_first_pass(self) -> None:
         if self.health.first_pass_done:
@@ -431,67 +420,6 @@ class Daemon:
         log.info("stopped")
 
 
-def _folder_stamps(folders: list[Path]) -> tuple[int, ...]:
-    """mtime_ns of each folder (-1 if gone): a new entry in any of them changes this."""
-    stamps = []
-    for folder in folders:
-        try:
-            stamps.append(os.stat(folder).st_mtime_ns)
-        except OSError:
-            stamps.append(-1)
-    return tuple(stamps)
-
-
-def _recheck_time(report: WorkDirReport, settle: float, now: float) -> float | None:
-    """When a pass left something that time alone will change: settling files, grace ends."""
-    observation = report.observation
-    if observation is None:
-        return None
-    times = []
-    if any(not c.complete for c in observation.scan.checkpoints) or any(
-        a.status == "deferred" for a in report.artifacts
-    ):
-        times.append(now + max(settle, 0.5))
-    grace = report.target.project.retention.pending_eval_grace
-    wall = time.time()
-    for c in observation.scan.checkpoints:
-        # A checkpoint too young to trust is looked at again the moment it is `settle` old,
-        # not `settle` after this pass (polling adds its own delay before the pass).
-        young = c.stat.mtime_ns / 1e9 + settle - wall
-        if not c.complete and young > 0:
-            times.append(now + young + 0.05)
-    for c in observation.scan.checkpoints:
-        if c.index not in observation.evaluated:
-            expires = c.stat.mtime_ns / 1e9 + grace - wall
-            if expires > 0:
-                times.append(now + expires + 1)
-    return min(times) if times else None
-
-
 def _f(work_dir: Path, **fields: object) -> dict[str, dict[str, object]]:
     """``extra=`` for a log call about one work_dir."""
     return {"fields": {"work_dir": str(work_dir), **fields}}
-
-
-def metrics_of(report: WorkDirReport) -> dict[str, object]:
-    """The numbers of one pass, as DaemonMetrics.record_pass takes them."""
-    decisions = report.plan.decisions if report.plan else ()
-    gone = {d.decision.checkpoint.name for d in report.deletions if d.done}
-    remaining = [d.checkpoint for d in decisions if d.checkpoint.name not in gone]
-    return {
-        "work_dir": str(report.target.work_dir),
-        "project": report.target.project.name,
-        "seconds": report.seconds,
-        "ok": not report.failed,
-        "checkpoints_kept": len(remaining),
-        "bytes_held": sum(c.stat.size for c in remaining),
-        "reclaimed_bytes": report.reclaimed_bytes,
-        "slims": [
-            (a.key, a.seconds, a.entry.bytes if a.entry else 0)
-            for a in report.artifacts
-            if a.status == "written"
-        ],
-        "deletions": len(gone),
-        "errors": list(report.error_kinds),
-        "best": {a.key: a.best.value for a in report.artifacts},
-    }

@@ -196,3 +196,27 @@ def log_actions(report: WorkDirReport, logger, previous: WorkDirReport | None = 
             emit(20, note, action="note")
     for error in report.errors:
         emit(40, error, action="error")
+
+
+def metrics_of(report: WorkDirReport) -> dict[str, object]:
+    """The numbers of one pass, as DaemonMetrics.record_pass takes them."""
+    decisions = report.plan.decisions if report.plan else ()
+    gone = {d.decision.checkpoint.name for d in report.deletions if d.done}
+    remaining = [d.checkpoint for d in decisions if d.checkpoint.name not in gone]
+    return {
+        "work_dir": str(report.target.work_dir),
+        "project": report.target.project.name,
+        "seconds": report.seconds,
+        "ok": not report.failed,
+        "checkpoints_kept": len(remaining),
+        "bytes_held": sum(c.stat.size for c in remaining),
+        "reclaimed_bytes": report.reclaimed_bytes,
+        "slims": [
+            (a.key, a.seconds, a.entry.bytes if a.entry else 0)
+            for a in report.artifacts
+            if a.status == "written"
+        ],
+        "deletions": len(gone),
+        "errors": list(report.error_kinds),
+        "best": {a.key: a.best.value for a in report.artifacts},
+    }

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from ckptd.daemon import BUSY_RETRY
+from ckptd.schedule import BUSY_RETRY
 from tests.daemon_proc import DaemonProcess, actions
 from tests.faults.figures import report
 from tests.faults.invariants import Stream, StreamChecker, artifact_problems, temp_files
@@ -135,20 +135,18 @@ def test_takeover_without_any_event_within_the_retry_interval(
     work_dir.mkdir(parents=True)
     replay_now(record(), work_dir, upto_epoch=2)
     config = write_config(tmp_path, watch=WATCH)
-    with (
-        DaemonProcess(config, log=tmp_path / "a.log") as a,
-        DaemonProcess(config, log=tmp_path / "b.log") as b,
-    ):
-        a.wait_ready()
-        b.wait_for(lambda r: f"locked by another ckptd (pid {a.pid} on" in r.get("message", ""))
-        a.send(signal.SIGSTOP)  # A holds the lock, and stays out of the way...
-        replay_now(record(), work_dir, upto_epoch=4)  # ...while there is work to do
-        time.sleep(1)  # B sees the events, finds the lock taken, waits BUSY_RETRY
-        assert not _acted(b)
-        a.stop(signal.SIGKILL)  # a crash: the kernel drops the flock; no event in the work_dir
-        stopped = time.monotonic()
-        b.wait_for(lambda r: r.get("action") == "delete", BUSY_RETRY + 10)
-        takeover = time.monotonic() - stopped
+    with DaemonProcess(config, log=tmp_path / "a.log") as a:
+        a.wait_ready()  # A holds the lock before B starts, so B is the one that waits
+        with DaemonProcess(config, log=tmp_path / "b.log") as b:
+            b.wait_for(lambda r: f"locked by another ckptd (pid {a.pid} on" in r.get("message", ""))
+            a.send(signal.SIGSTOP)  # A holds the lock, and stays out of the way...
+            replay_now(record(), work_dir, upto_epoch=4)  # ...while there is work to do
+            time.sleep(1)  # B sees the events, finds the lock taken, waits BUSY_RETRY
+            assert not _acted(b)
+            a.stop(signal.SIGKILL)  # a crash: the kernel drops the flock; no event in work_dir
+            stopped = time.monotonic()
+            b.wait_for(lambda r: r.get("action") == "delete", BUSY_RETRY + 10)
+            takeover = time.monotonic() - stopped
     assert takeover <= BUSY_RETRY + 2
     assert sorted(p.name for p in work_dir.glob("epoch_*.pth")) == ["epoch_3.pth", "epoch_4.pth"]
     report(capsys, "quiet takeover after kill -9", takeover_s=round(takeover, 1))
@@ -159,10 +157,8 @@ def test_second_daemon_becomes_ready_while_the_first_holds_the_lock(tmp_path: Pa
     work_dir.mkdir(parents=True)
     replay_now(record(), work_dir, upto_epoch=2)
     config = write_config(tmp_path, watch=WATCH)
-    with (
-        DaemonProcess(config, log=tmp_path / "a.log") as a,
-        DaemonProcess(config, log=tmp_path / "b.log") as b,
-    ):
-        a.wait_ready()
-        b.wait_for(lambda r: "locked by another ckptd" in r.get("message", ""))
-        b.wait_ready(timeout=10)
+    with DaemonProcess(config, log=tmp_path / "a.log") as a:
+        a.wait_ready()  # A holds the lock before B starts, so B is the one that waits
+        with DaemonProcess(config, log=tmp_path / "b.log") as b:
+            b.wait_for(lambda r: "locked by another ckptd" in r.get("message", ""))
+            b.wait_ready(timeout=10)
