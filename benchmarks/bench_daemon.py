@@ -119,7 +119,9 @@ def tree_config(root: Path, work_dirs: Path, keep: int) -> Path:
     return write_config(root, str(work_dirs / "*"), retention={"keep_last": keep})
 
 
-def startup_and_idle(root: Path, sizes: Sizes, idle: bool, verdicts: list[Verdict]) -> None:
+def startup_and_idle(
+    root: Path, sizes: Sizes, idle: bool, verdicts: list[Verdict], baseline: Path | None
+) -> None:
     print(f"building {sizes.work_dirs} work_dirs x {sizes.checkpoints} checkpoints ...", flush=True)
     work_dirs = make_tree(root, sizes)
     config = tree_config(root, work_dirs, sizes.checkpoints)
@@ -129,35 +131,50 @@ def startup_and_idle(root: Path, sizes: Sizes, idle: bool, verdicts: list[Verdic
         f"first-ever pass (`ckptd once`, no state yet, {slimmed} artifacts written): "
         f"{fmt_s(cold.wall)}, CPU {fmt_s(cold.cpu)}, peak RSS {cold.maxrss_mib:.0f} MiB"
     )
-    onces = [run([*ckptd_cmd(), "once", "-c", str(config)]).check() for _ in range(sizes.repeats)]
-    readies: list[float] = []
-    for i in range(max(1, sizes.repeats - 2)):
-        with DaemonProc(config, root / f"startup-{i}.log") as daemon:
-            readies.append(daemon.wait_for("ready", timeout=300))
-            daemon.stop()
-    once_wall = median([r.wall for r in onces])
-    ready = median(readies)
-    print(
-        f"warm start-up pass, nothing to slim or delete: `ckptd once` {fmt_s(once_wall)} "
-        f"(CPU {fmt_s(median([r.cpu for r in onces]))}, peak RSS "
-        f"{max(r.maxrss_mib for r in onces):.0f} MiB); `ckptd run` start to ready "
-        f"{fmt_s(ready)} (medians of {len(onces)} and {len(readies)})"
-    )
-    n = sizes.work_dirs * sizes.checkpoints
-    verdicts.append(
-        Verdict(
-            f"4a start-up reconcile, {sizes.work_dirs} x {sizes.checkpoints} = {n} checkpoints",
-            f"run->ready {fmt_s(ready)}; once {fmt_s(once_wall)}",
-            "<= 2 s",
-            max(ready, once_wall) <= 2.0,
+    builds: list[tuple[str, dict[str, str] | None]] = [("", None)]
+    if baseline is not None:  # another ckptd/ (e.g. before a change), on the same tree
+        builds.append((" (baseline)", {**os.environ, "PYTHONPATH": str(baseline)}))
+    for label, env in builds:
+        onces = [
+            run([*ckptd_cmd(), "once", "-c", str(config)], env=env, cwd=root).check()
+            for _ in range(sizes.repeats)
+        ]
+        readies: list[float] = []
+        for i in range(max(1, sizes.repeats - 2)):
+            with DaemonProc(config, root / f"startup{label.strip()}-{i}.log", env=env) as daemon:
+                readies.append(daemon.wait_for("ready", timeout=300))
+                daemon.stop()
+        once_wall = median([r.wall for r in onces])
+        ready = median(readies)
+        print(
+            f"warm start-up pass{label}, nothing to slim or delete: `ckptd once` "
+            f"{fmt_s(once_wall)} (CPU {fmt_s(median([r.cpu for r in onces]))}, peak RSS "
+            f"{max(r.maxrss_mib for r in onces):.0f} MiB); `ckptd run` start to ready "
+            f"{fmt_s(ready)} (medians of {len(onces)} and {len(readies)})"
         )
-    )
-    if idle:
-        idle_cost(root, config, sizes, verdicts)
+        n = sizes.work_dirs * sizes.checkpoints
+        verdicts.append(
+            Verdict(
+                f"4a start-up reconcile{label}, {sizes.work_dirs} x {sizes.checkpoints} = {n} "
+                "checkpoints",
+                f"run->ready {fmt_s(ready)}; once {fmt_s(once_wall)}",
+                "<= 2 s",
+                max(ready, once_wall) <= 2.0 if not label else None,
+            )
+        )
+        if idle:
+            idle_cost(root, config, sizes, verdicts, label, env)
 
 
-def idle_cost(root: Path, config: Path, sizes: Sizes, verdicts: list[Verdict]) -> None:
-    with DaemonProc(config, root / "idle.log") as daemon:
+def idle_cost(
+    root: Path,
+    config: Path,
+    sizes: Sizes,
+    verdicts: list[Verdict],
+    label: str = "",
+    env: dict[str, str] | None = None,
+) -> None:
+    with DaemonProc(config, root / f"idle{label.strip()}.log", env=env) as daemon:
         daemon.wait_for("ready", timeout=300)
         time.sleep(min(5.0, sizes.idle_seconds / 3))
         pid = daemon.pid
@@ -181,7 +198,7 @@ def idle_cost(root: Path, config: Path, sizes: Sizes, verdicts: list[Verdict]) -
     peak_rss = max(rss) / 1024
     amortized = share + max(resync_cpu, 0.0) / 300.0
     print(
-        f"idle over {t1 - t0:.0f} s: CPU {share * 100:.2f}% of a core, "
+        f"idle{label} over {t1 - t0:.0f} s: CPU {share * 100:.2f}% of a core, "
         f"{(wake1 - wake0) / (t1 - t0):.1f} context switches/s, RSS {peak_rss:.0f} MiB "
         f"(VmHWM {status.get('VmHWM', 0) / 1024:.0f} MiB), {status.get('Threads', 0)} threads; "
         f"a full resync pass costs {fmt_s(max(resync_cpu, 0))} CPU: every 300 s that adds "
@@ -190,14 +207,19 @@ def idle_cost(root: Path, config: Path, sizes: Sizes, verdicts: list[Verdict]) -
     )
     verdicts.append(
         Verdict(
-            f"3a idle CPU, {sizes.work_dirs} work_dirs, over {t1 - t0:.0f} s",
+            f"3a idle CPU{label}, {sizes.work_dirs} work_dirs, over {t1 - t0:.0f} s",
             f"{share * 100:.2f}% of a core ({amortized * 100:.2f}% with resyncs)",
             "<= 1%",
-            share <= 0.01,
+            share <= 0.01 if not label else None,
         )
     )
     verdicts.append(
-        Verdict("3b idle daemon RSS", f"{peak_rss:.0f} MiB", "<= 100 MiB", peak_rss <= 100)
+        Verdict(
+            f"3b idle daemon RSS{label}",
+            f"{peak_rss:.0f} MiB",
+            "<= 100 MiB",
+            peak_rss <= 100 if not label else None,
+        )
     )
 
 
@@ -418,6 +440,11 @@ def main() -> int:
     parser.add_argument("--scalar-lines", type=int, help="default 1,000,000")
     parser.add_argument("--trainers", type=int, help="default 20")
     parser.add_argument("--load-seconds", type=int, help="default 120")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="also measure start-up and idle with the ckptd/ package in this folder",
+    )
     args = parser.parse_args()
     sizes = QUICK if args.quick else Sizes()
     overrides = {
@@ -430,7 +457,7 @@ def main() -> int:
     verdicts: list[Verdict] = []
     with scratch_dir("ckptd-bench-daemon-", 2 << 30) as root:
         if "startup" in parts or "idle" in parts:
-            startup_and_idle(root, sizes, "idle" in parts, verdicts)
+            startup_and_idle(root, sizes, "idle" in parts, verdicts, args.baseline)
         if "scalars" in parts:
             scalars(root, sizes, verdicts)
         if "load" in parts:
