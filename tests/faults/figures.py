@@ -1,7 +1,7 @@
 """The figure each fault test reports (runs, faults injected, inputs tried, what was lost).
 
 Printed past pytest's capture so it shows in every run's output, and appended as a JSON line to
-``$CKPTD_FIGURES`` when that is set (``docs/reliability.md`` is filled from it).
+``$CKPTD_FIGURES`` when that is set (the README's Reliability section is filled from it).
 """
 
 from __future__ import annotations
