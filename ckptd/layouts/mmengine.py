@@ -44,6 +44,7 @@ RAW_DIGITS = 12
 # Train lines always carry one of these keys, val lines never; checking the bytes first keeps
 # a million-line iter-based log cheap (json.dumps writes '"key": value').
 _TRAIN_MARKERS = (b'"epoch": ', b'"iter": ')
+_EPOCH_MARKER, _ITER_MARKER = _TRAIN_MARKERS
 
 
 def scalars_files(work_dir: Path) -> list[Path]:
@@ -63,7 +64,7 @@ def scalars_files(work_dir: Path) -> list[Path]:
 
 
 def _is_val_line(line: bytes) -> bool:
-    return not any(marker in line for marker in _TRAIN_MARKERS)
+    return _EPOCH_MARKER not in line and _ITER_MARKER not in line  # once per line: no generator
 
 
 def _parse_val(data: dict[str, Any], source: str, line: int) -> EvalRecord | None:
