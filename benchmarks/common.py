@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -213,7 +214,9 @@ class Verdict:
         return "" if self.ok is None else ("PASS" if self.ok else "MISS")
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], out=None) -> None:
+def print_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO | None = None
+) -> None:
     out = out or sys.stdout
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
 
@@ -226,7 +229,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], out=None)
         print(line(row), file=out)
 
 
-def print_verdicts(verdicts: Sequence[Verdict], out=None) -> bool:
+def print_verdicts(verdicts: Sequence[Verdict], out: TextIO | None = None) -> bool:
     """The target table; returns True when no target was missed."""
     print_table(
         ("target", "measured", "goal", "result"),

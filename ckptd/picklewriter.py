@@ -188,9 +188,9 @@ class PickleWriter:
             value = blob.load()
         except UnicodeDecodeError as exc:  # the unpickler would have refused it too
             raise NotRepresentable(f"a string that is not valid UTF-8 ({exc.reason})") from exc
-        if type(value) is str:
+        if isinstance(value, str):
             self._save_str(value)
-        elif type(value) is bytes:
+        elif isinstance(value, bytes):
             self._save_bytes(value)
         else:
             self.save_global(("builtins", "bytearray"))

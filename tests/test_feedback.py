@@ -39,7 +39,7 @@ def run_on_pty(args: list[str], timeout: float = 60) -> tuple[int, str]:
             os.execv(args[0], args)
         finally:
             os._exit(127)
-    chunks = []
+    chunks: list[bytes] = []
     try:
         while True:
             ready, _, _ = select.select([master], [], [], timeout)
