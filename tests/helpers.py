@@ -53,6 +53,27 @@ def cli_process(
     )
 
 
+def run_harness(harness: Path, out: Path, *args: str) -> dict[str, Any]:
+    """Run a real-trainer harness (``tests/trainers/*_real.py``) into ``out``; its result JSON."""
+    result_file = out.parent / f"{out.name}-result.json"
+    result = subprocess.run(
+        [sys.executable, str(harness), str(out), "--result", str(result_file), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result_file.read_text())
+
+
+def once_ok(root: Path, **project: Any) -> str:
+    """Write a config for ``root/work_dirs/*`` and run ``ckptd once``, which must succeed."""
+    write_config(root, **project)
+    code, out, err = cli("once", "-c", str(root / "ckptd.yaml"))
+    assert code == 0, out + err
+    return out
+
+
 def simulate(work_dir: Path, **config: Any) -> Path:
     from ckptd.simulate import SimConfig, SimulatedTrainer
 

@@ -14,8 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,29 +21,18 @@ import pytest
 from ckptd.fsdelete import TRASH_PREFIX, delete_checkpoint, tree_stat
 from ckptd.layouts import detect_layouts
 from ckptd.layouts.hf import HFLayout
-from tests.helpers import REPO, cli, manifest, write_config
+from tests.helpers import REPO, cli, manifest, once_ok, run_harness, write_config
 
 HARNESS = REPO / "tests" / "trainers" / "hf_real.py"
 REFERENCE = REPO / "tests" / "data" / "reference" / "hf" / "trainer_state.json"
 
 
 def train(out: Path, *args: str) -> dict:
-    result_file = out.parent / f"{out.name}-result.json"
-    result = subprocess.run(
-        [sys.executable, str(HARNESS), str(out), "--result", str(result_file), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(result_file.read_text())
+    return run_harness(HARNESS, out, *args)
 
 
 def once(tmp_path: Path, **project: object) -> str:
-    write_config(tmp_path, **project)
-    code, out, err = cli("once", "-c", str(tmp_path / "ckptd.yaml"))
-    assert code == 0, out + err
-    return out
+    return once_ok(tmp_path, **project)
 
 
 def folders(out: Path) -> list[str]:

@@ -15,8 +15,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +28,8 @@ from tests.helpers import (
     load_full,
     load_weights_only,
     manifest,
+    once_ok,
+    run_harness,
     write_config,
 )
 
@@ -39,31 +39,11 @@ CKPTS = "lightning_logs/version_0/checkpoints"
 
 
 def train(root: Path, *args: str) -> dict:
-    result_file = root.parent / f"{root.name}-result.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(HARNESS),
-            str(root),
-            "--top1-dir",
-            str(root.parent / f"{root.name}-top1"),
-            "--result",
-            str(result_file),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(result_file.read_text())
+    return run_harness(HARNESS, root, "--top1-dir", str(root.parent / f"{root.name}-top1"), *args)
 
 
 def once(tmp_path: Path, **project: object) -> str:
-    write_config(tmp_path, **project)
-    code, out, err = cli("once", "-c", str(tmp_path / "ckptd.yaml"))
-    assert code == 0, out + err
-    return out
+    return once_ok(tmp_path, **project)
 
 
 def ckpt_files(folder: Path) -> list[str]:
