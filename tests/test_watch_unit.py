@@ -113,4 +113,3 @@ def test_sync_removes_watches_no_longer_wanted(tmp_path: Path) -> None:
         assert set(watcher.watched) == {b}
     finally:
         watcher.stop()
-
