@@ -39,6 +39,7 @@ from ckptd.slim import (
     looks_complete,
     slim_checkpoint,
 )
+from tests.faults.hostile import payloads as hostile_payloads
 
 DROPPED_MARK = b"DROPPED-STORAGE!"
 PLACEHOLDER = "@@CKPTD-PAYLOAD@@"
@@ -347,17 +348,15 @@ def _u(text: str) -> bytes:
 
 
 def raw_payloads(marker: Path) -> dict[str, bytes]:
-    cmd = _u(f"touch {marker}")
+    """The opcode payloads of tests/faults/hostile.py, plus EXT2 through the copyreg registry."""
+    shared = hostile_payloads(marker)
     return {
-        "GLOBAL": b"cos\nsystem\n" + cmd + b"\x85R",
-        "STACK_GLOBAL": b"\x8c\x02os\x8c\x06system\x93" + cmd + b"\x85R",
-        "INST": b"(" + cmd + b"ios\nsystem\n",
-        "OBJ": b"(cos\nsystem\n" + cmd + b"o",
-        # BUILD sets an instance's __setstate__ to os.system; the next BUILD calls it.
-        "NEWOBJ+BUILD": (
-            b"cargparse\nNamespace\n)\x81}" + _u("__setstate__") + b"cos\nsystem\nsb" + cmd + b"b"
-        ),
-        "EXT2": b"\x83" + struct.pack("<H", 31337) + cmd + b"\x85R",
+        "GLOBAL": shared["GLOBAL+REDUCE"],
+        "STACK_GLOBAL": shared["STACK_GLOBAL+REDUCE"],
+        "INST": shared["INST"],
+        "OBJ": shared["OBJ"],
+        "NEWOBJ+BUILD": shared["NEWOBJ+BUILD"],
+        "EXT2": b"\x83" + struct.pack("<H", 31337) + _u(f"touch {marker}") + b"\x85R",
     }
 
 

@@ -357,28 +357,14 @@ def build_cfg(
 def train(
     work_dir: str | os.PathLike[str],
     *,
-    epochs: int = 6,
-    by_epoch: bool = True,
-    max_iters: int = 48,
-    val_interval: int = 1,
-    checkpoint_interval: int | None = None,
-    max_keep_ckpts: int = -1,
-    save_best: str | list[str] | None = None,
-    rule: str | list[str] | None = None,
-    resume: bool = False,
-    ema: bool = False,
-    seed: int = 0,
-    metric: str = "coco",
-    values: Sequence[float] | None = None,
-    optimizer: str = "SGD",
-    iter_log_by_epoch: bool = False,
     weights_only_fix: str = "safe_globals",
     events: str | os.PathLike[str] | None = None,
-    epoch_seconds: float = 0.0,
+    **cfg_options: Any,
 ) -> RealRunResult:
     """Train the toy model with ``mmengine.runner.Runner`` into ``work_dir`` (in this process).
 
-    ``epochs``/``max_iters`` are the *total* length; with ``resume=True`` the run continues
+    ``cfg_options`` are ``build_cfg``'s. ``epochs``/``max_iters`` are the *total* length; with
+    ``resume=True`` the run continues
     from ``<work_dir>/last_checkpoint`` in a new ``<timestamp>/`` folder up to that total.
     ``events``: record the write-side filesystem calls to this file (see record_fs_events).
     """
@@ -396,25 +382,7 @@ def train(
     from mmengine.runner import Runner
 
     _register()
-    cfg = build_cfg(
-        work_dir,
-        epochs=epochs,
-        by_epoch=by_epoch,
-        max_iters=max_iters,
-        val_interval=val_interval,
-        checkpoint_interval=checkpoint_interval,
-        max_keep_ckpts=max_keep_ckpts,
-        save_best=save_best,
-        rule=rule,
-        resume=resume,
-        ema=ema,
-        seed=seed,
-        metric=metric,
-        values=values,
-        optimizer=optimizer,
-        iter_log_by_epoch=iter_log_by_epoch,
-        epoch_seconds=epoch_seconds,
-    )
+    cfg = build_cfg(work_dir, **cfg_options)
     t0 = time.perf_counter()
     runner = Runner.from_cfg(Config(cfg))
     runner.train()
