@@ -7,11 +7,11 @@ accept ``inf`` as a best score, ckptd never lets a non-finite value become best.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
 from ckptd.config import BestConfig
-from ckptd.model import Best, EvalRecord, Problem
+from ckptd.model import Best, BestDispute, EvalRecord, Problem, TrainerBest
 
 # mmengine/hooks/checkpoint_hook.py: CheckpointHook._default_greater_keys / _default_less_keys
 GREATER_KEYS = ("acc", "top", "AR@", "auc", "precision", "mAP", "mDice", "mIoU", "mAcc", "aAcc")
@@ -112,9 +112,16 @@ def _better(rule: str, value: float, than: float | None) -> bool:
 
 
 def select_best(
-    records: Sequence[EvalRecord], choice: MetricChoice
+    records: Sequence[EvalRecord],
+    choice: MetricChoice,
+    eligible: Container[int] | None = None,
 ) -> tuple[Best | None, list[Problem]]:
-    """Fold over records in order with strict improvement: the earliest of equal scores wins."""
+    """Fold over records in order with strict improvement: the earliest of equal scores wins.
+
+    ``eligible``: the indices that have (or had) a checkpoint. The trainers rank only what they
+    save (Lightning's ``every_n_epochs``, an MMEngine ``interval`` above ``val_interval``), and
+    an evaluation without a checkpoint has no model to keep, so only eligible records compete.
+    """
     best: Best | None = None
     problems: list[Problem] = []
     for record in records:
@@ -128,7 +135,65 @@ def select_best(
                 )
             )
             continue
+        if eligible is not None and record.index not in eligible:
+            continue
         value = record.metrics[choice.key]
         if _better(choice.rule, value, best.value if best else None):
             best = Best(choice.key, choice.rule, value, record.index, record.source, record.line)
     return best, problems
+
+
+def _continue_fold(
+    start: Best, records: Sequence[EvalRecord], choice: MetricChoice, eligible: Container[int]
+) -> Best:
+    best = start
+    for record in records:
+        value = record.metrics.get(choice.key)
+        if value is None or record.index not in eligible:
+            continue
+        if _better(choice.rule, value, best.value):
+            best = Best(choice.key, choice.rule, value, record.index, record.source, record.line)
+    return best
+
+
+def agree_with_trainer(
+    records: Sequence[EvalRecord],
+    choice: MetricChoice,
+    eligible: Container[int],
+    trainer: TrainerBest,
+) -> tuple[Best | None, BestDispute | None]:
+    """The best once the trainer's own record of it is taken into account.
+
+    The trainer's record covers evaluations up to ``trainer.as_of``; the log-derived best over
+    the same evaluations is compared with it. When they agree, nothing changes. When they do
+    not (a log that rounds values, e.g. mmcv's 5 decimals), the trainer's choice wins, since it
+    compared raw values, the fold continues from its raw score over later evaluations, and the
+    dispute is returned so that both checkpoints are kept until the two agree again.
+    Returns (None, None) when the record cannot be used (its index has no checkpoint here).
+    """
+    if trainer.index not in eligible:
+        return None, None
+    earlier = [r for r in records if r.index <= trainer.as_of]
+    log_best, _ = select_best(earlier, choice, eligible)
+    if log_best is not None and log_best.index == trainer.index:
+        return None, None
+    score = trainer.score
+    at = next((r for r in records if r.index == trainer.index), None)
+    if score is None or not math.isfinite(score):
+        if at is None or choice.key not in at.metrics:
+            return None, None
+        score = at.metrics[choice.key]
+    start = Best(
+        choice.key,
+        choice.rule,
+        score,
+        trainer.index,
+        at.source if at else trainer.source,
+        at.line if at else 0,
+    )
+    later = [r for r in records if r.index > trainer.as_of]
+    best = _continue_fold(start, later, choice, eligible)
+    dispute = None
+    if log_best is not None:
+        dispute = BestDispute(choice.key, trainer.index, log_best.index, trainer.source)
+    return best, dispute

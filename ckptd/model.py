@@ -64,6 +64,31 @@ class Best:
     line: int
 
 
+@dataclass(frozen=True, slots=True)
+class TrainerBest:
+    """The best as the trainer itself recorded it, read from its own files.
+
+    The trainer compared raw values, while its logs may round or smooth them, so where it
+    records its choice that record is the authority (see ``best.agree_with_trainer``).
+    """
+
+    key: str | None  # the metric it ranks by; None when its record does not say
+    index: int  # the index (epoch/iter/step) of the checkpoint it holds as best
+    score: float | None  # its raw best score, when recorded
+    as_of: int  # the last evaluated index the record accounts for
+    source: str  # where it was read, e.g. "epoch_12.pth: meta.hook_msgs.best_ckpt"
+
+
+@dataclass(frozen=True, slots=True)
+class BestDispute:
+    """The trainer's own best and the best ckptd derives from the logs name different indices."""
+
+    key: str
+    trainer_index: int
+    log_index: int
+    source: str
+
+
 @dataclass(slots=True)
 class WorkDirScan:
     """What a layout found on disk, before any policy is applied."""

@@ -11,11 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptd.artifacts import ArtifactEntry, is_current, read_manifest
-from ckptd.best import MetricChoice, resolve_metrics, select_best, supersede_resumed
+from ckptd.best import (
+    MetricChoice,
+    agree_with_trainer,
+    resolve_metrics,
+    select_best,
+    supersede_resumed,
+)
 from ckptd.config import ProjectConfig
 from ckptd.fsutil import FileStat
 from ckptd.layouts.base import Layout, PointerUnreadable, SourceState
-from ckptd.model import Best, EvalRecord, Problem, WorkDirScan
+from ckptd.model import Best, BestDispute, EvalRecord, Problem, TrainerBest, WorkDirScan
 from ckptd.state import WorkDirState
 from ckptd.units import format_duration
 
@@ -36,6 +42,9 @@ class Observation:
     verified: dict[str, FileStat]
     unit: str | None
     notes: list[str] = field(default_factory=list)
+    # Indices that have or had a checkpoint here: the only evaluations that can be best.
+    checkpointed: frozenset[int] = frozenset()
+    disputes: list[BestDispute] = field(default_factory=list)
 
     @property
     def problems(self) -> list[Problem]:
@@ -124,6 +133,72 @@ def _unit_of(scan: WorkDirScan) -> str | None:
     return units[0] if units else None
 
 
+def _checkpointed(
+    scan: WorkDirScan, state: WorkDirState, manifest: Mapping[str, ArtifactEntry], unit: str | None
+) -> frozenset[int]:
+    """Indices with a checkpoint now, seen with one by an earlier pass, or slimmed before.
+
+    The manifest counts too, so that losing state.json never turns a best whose checkpoint
+    was deleted after its artifact was written into a non-candidate (which would let a worse
+    epoch replace that artifact).
+    """
+    found = {c.index for c in scan.checkpoints} | set(state.checkpointed)
+    found |= {e.index for e in manifest.values() if unit is None or e.unit == unit}
+    return frozenset(found)
+
+
+def _unsaved_best_note(
+    records: list[EvalRecord], choice: MetricChoice, chosen: Best | None, scan: WorkDirScan
+) -> str | None:
+    """Say so when the best-scoring evaluation has no checkpoint and will never get one."""
+    overall, _ = select_best(records, choice)
+    newest = max((c.index for c in scan.checkpoints), default=None)
+    if overall is None or (chosen is not None and chosen.index == overall.index):
+        return None
+    if newest is None or overall.index >= newest:
+        return None  # its checkpoint may still be on its way
+    unit = scan.checkpoints[0].unit if scan.checkpoints else "index"
+    instead = f"{unit} {chosen.index}" if chosen else "none yet"
+    return (
+        f"best {choice.key}: the top score ({overall.value:g}) was at {unit} {overall.index}, "
+        f"which the trainer saved no checkpoint of; best among saved checkpoints: {instead}"
+    )
+
+
+def _choose_bests(
+    records: list[EvalRecord],
+    choices: list[MetricChoice],
+    checkpointed: frozenset[int],
+    trainer: list[TrainerBest],
+    scan: WorkDirScan,
+    notes: list[str],
+) -> tuple[dict[str, Best], list[BestDispute]]:
+    bests: dict[str, Best] = {}
+    disputes: list[BestDispute] = []
+    for choice in choices:
+        best, problems = select_best(records, choice, checkpointed)
+        scan.problems.extend(problems)
+        note = _unsaved_best_note(records, choice, best, scan)
+        if note:
+            notes.append(note)
+        own = [t for t in trainer if t.key == choice.key or (t.key is None and len(choices) == 1)]
+        for record in own[-1:]:  # the newest record the trainer wrote
+            agreed, dispute = agree_with_trainer(records, choice, checkpointed, record)
+            if dispute is not None:
+                disputes.append(dispute)
+                notes.append(
+                    f"best {choice.key}: the trainer holds {dispute.trainer_index} as best "
+                    f"({record.source}) while its logged values make it {dispute.log_index} "
+                    "(the log rounds or smooths what the trainer compared); ckptd follows the "
+                    "trainer and keeps both checkpoints until the two agree"
+                )
+            if agreed is not None:
+                best = agreed
+        if best is not None:
+            bests[choice.key] = best
+    return bests, disputes
+
+
 def observe(
     work_dir: Path,
     layout: Layout,
@@ -162,14 +237,10 @@ def observe(
     )
     scan.problems.extend(choice_problems)
 
-    bests: dict[str, Best] = {}
-    for choice in choices:
-        best, problems = select_best(records, choice)
-        scan.problems.extend(problems)
-        if best is not None:
-            bests[choice.key] = best
-
     manifest = read_manifest(artifact_dir)
+    checkpointed = _checkpointed(scan, state, manifest, unit)
+    trainer = layout.trainer_bests(work_dir, scan, records) if choices else []
+    bests, disputes = _choose_bests(records, choices, checkpointed, trainer, scan, notes)
     ready = {
         key
         for key, best in bests.items()
@@ -186,4 +257,6 @@ def observe(
         verified=verified,
         unit=unit,
         notes=notes,
+        checkpointed=checkpointed,
+        disputes=disputes,
     )

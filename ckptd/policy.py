@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 from ckptd.config import RetentionConfig
-from ckptd.model import Checkpoint
+from ckptd.model import BestDispute, Checkpoint
 from ckptd.units import format_duration, format_size
 
 
@@ -27,6 +27,8 @@ class PolicyInput:
     artifact_ready: frozenset[str]  # metric keys whose artifact matches their best
     resume_target: str | None
     now: float  # wall-clock seconds, compared with checkpoint mtimes
+    # The trainer's own best and the logs' best differ: both are kept until they agree.
+    disputes: tuple[BestDispute, ...] = ()
 
 
 class KeepRule(Protocol):
@@ -117,6 +119,27 @@ class BestArtifactPending:
 
 
 @dataclass(frozen=True)
+class DisputedBest:
+    """When the trainer's recorded best and the logs' best differ, neither is deleted."""
+
+    name: ClassVar[str] = "best-disputed"
+    protects: ClassVar[bool] = True
+
+    def keeps(self, given: PolicyInput) -> dict[str, str]:
+        kept: dict[str, str] = {}
+        for d in given.disputes:
+            for c in given.checkpoints:
+                if c.index in (d.trainer_index, d.log_index):
+                    who = "the trainer's" if c.index == d.trainer_index else "the logs'"
+                    kept[c.name] = _join(
+                        kept.get(c.name),
+                        f"{who} best {d.key} while the trainer ({d.trainer_index}) and its "
+                        f"logs ({d.log_index}) disagree",
+                    )
+        return kept
+
+
+@dataclass(frozen=True)
 class LatestN:
     n: int
     name: ClassVar[str] = "keep_last"
@@ -166,6 +189,7 @@ def rules_for(retention: RetentionConfig) -> list[KeepRule]:
         ResumePointer(),
         PendingEvaluation(retention.pending_eval_grace),
         BestArtifactPending(),
+        DisputedBest(),
         LatestN(retention.keep_last),
     ]
     if retention.keep_every:

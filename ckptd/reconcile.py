@@ -52,6 +52,7 @@ def _policy_input(observation: Observation, now: float) -> PolicyInput:
         artifact_ready=frozenset(observation.ready),
         resume_target=observation.scan.resume_target,
         now=now,
+        disputes=tuple(observation.disputes),
     )
 
 
@@ -196,6 +197,7 @@ def _reconcile_locked(
     state.layout = layout.name
     state.sources = observation.sources
     state.verified = observation.verified
+    state.checkpointed |= {c.index for c in observation.scan.checkpoints if c.complete}
     report.reclaimed_total = state.reclaimed_bytes
     if not dry_run:
         state.last_pass = {

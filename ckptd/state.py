@@ -44,6 +44,9 @@ class WorkDirState:
     # Artifact files ckptd created (or is about to create): the only ones it may ever remove.
     own_artifacts: list[str] = field(default_factory=list)
     last_pass: dict[str, Any] = field(default_factory=dict)
+    # Indices that had a complete checkpoint in an earlier pass: their evaluations stay
+    # candidates for best after the checkpoint is gone (see observe._checkpointed).
+    checkpointed: set[int] = field(default_factory=set)
     # What was on disk when loaded, minus last_pass: an unchanged state is not rewritten, so an
     # idle resync of hundreds of work_dirs costs no writes and no fsyncs.
     saved_fingerprint: bytes = field(default=b"", compare=False, repr=False)
@@ -63,6 +66,7 @@ class WorkDirState:
             "reclaimed_bytes": self.reclaimed_bytes,
             "own_artifacts": sorted(set(self.own_artifacts)),
             "last_pass": self.last_pass,
+            "checkpointed": sorted(self.checkpointed),
         }
 
     @classmethod
@@ -75,6 +79,7 @@ class WorkDirState:
             reclaimed_bytes=int(data.get("reclaimed_bytes", 0)),
             own_artifacts=list(data.get("own_artifacts", [])),
             last_pass=dict(data.get("last_pass", {})),
+            checkpointed={int(i) for i in data.get("checkpointed", [])},
         )
 
 

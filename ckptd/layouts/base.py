@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ckptd.fsutil import FileStat
 from ckptd.logtail import Cursor, read_new_lines
-from ckptd.model import Checkpoint, EvalRecord, Problem, Skipped, WorkDirScan
+from ckptd.model import Checkpoint, EvalRecord, Problem, Skipped, TrainerBest, WorkDirScan
 
 if TYPE_CHECKING:
     from ckptd.config import ProjectConfig
@@ -150,6 +150,13 @@ class Layout(ABC):
     ) -> list[AutoMetric]:
         """The trainer's own best metric(s) when its files say; empty: the first key of the
         first evaluation record, like MMEngine's ``save_best='auto'``."""
+        return []
+
+    def trainer_bests(
+        self, work_dir: Path, scan: WorkDirScan, records: list[EvalRecord]
+    ) -> list[TrainerBest]:
+        """The trainer's own record of its best, where its files keep one (read without running
+        anything from them). ckptd compares it with the best it derives from the logs."""
         return []
 
     def infer_rule(self, key: str) -> str:
