@@ -229,10 +229,8 @@ def _join(values: Sequence[float]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--batch"]:
-        launches = json.loads(Path(argv[1]).read_text())
-    else:
-        launches = [argv]
+    batch = argv[:1] == ["--batch"]
+    launches = json.loads(Path(argv[1]).read_text()) if batch else [argv]
     for launch in launches:
         args = parser().parse_args(launch)
         result = train(args)
