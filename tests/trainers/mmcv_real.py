@@ -211,7 +211,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("work_dir")
     p.add_argument("--result", default=None, help="write the result JSON here")
     p.add_argument("--epochs", type=int, default=6, help="total epochs (also when resumed)")
-    p.add_argument("--tables", type=_tables, default=_tables(f"bbox_mAP={_join(DEFAULT_MAP)}"))
+    p.add_argument("--tables", type=_tables, default=f"bbox_mAP={_join(DEFAULT_MAP)}")
     p.add_argument("--save-best", default="auto", help="EvalHook(save_best=...); '' for none")
     p.add_argument("--rule", default=None)
     p.add_argument("--eval-interval", type=int, default=1)
