@@ -50,6 +50,9 @@ NOT_METRICS = frozenset({"mode", "epoch", "iter", "lr", "memory", "time", "data_
 WORKFLOW_MARK = "time"
 # EvalHook._save_ckpt: f'best_{key_indicator}_{current}.pth', current = 'epoch_N' / 'iter_N'
 BEST_FILE = re.compile(r"best_(.+)_(epoch|iter)_(\d+)\.pth", re.ASCII)
+# TextLoggerHook's round(v, 5): the trainer's raw score is compared with logged values at the
+# log's precision (rounding is monotone, so a logged value above it was above it raw too).
+LOG_DECIMALS = 5
 # data.pkl holds the structure of every tensor; as for Lightning, 64 MiB is far above any
 # real checkpoint's.
 MAX_PICKLE = 64 * 1024 * 1024
@@ -210,12 +213,17 @@ class MMCVLayout(MMEngineLayout):
         bests: list[TrainerBest] = []
         for _, as_of, name in sorted(found):
             recorded = peek(work_dir / name, "hook_msgs.best", MAX_PICKLE, _best_of)
-            match = BEST_FILE.fullmatch(os.path.basename(recorded[0])) if recorded else None
-            if recorded is None or match is None or match.group(2) != "epoch":
+            best_file = os.path.basename(recorded[0]) if recorded else ""
+            match = BEST_FILE.fullmatch(best_file)
+            # EvalHook removes its previous best file whenever it saves a new one, so a record
+            # naming a file that is not there is one the trainer lost track of (resumed from
+            # the best epoch's own checkpoint, whose record predates that evaluation).
+            if not match or match.group(2) != "epoch" or not (work_dir / best_file).is_file():
                 continue
+            score = recorded[1] if recorded else None
+            shown = None if score is None else round(score, LOG_DECIMALS)
             source = f"{name}: meta.hook_msgs.best_ckpt"
-            key, index = match.group(1), int(match.group(3))
-            bests.append(TrainerBest(key, index, recorded[1], as_of, source))
+            bests.append(TrainerBest(match.group(1), int(match.group(3)), shown, as_of, source))
         return bests
 
     def watch_folders(self, work_dir: Path) -> list[Path]:
