@@ -28,6 +28,7 @@ import random
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,12 +189,19 @@ def logged_evaluations(s: Settings) -> dict[int, float]:
     }
 
 
-def oracle(s: Settings, work_dir: Path, result: dict[str, Any], had: set[int]) -> int | None:
+def oracle(
+    s: Settings, work_dir: Path, result: dict[str, Any], had: set[int]
+) -> tuple[int | None, str]:
+    """The best epoch, and which rule gave it (for the summary)."""
     best_ckpt = result["best_ckpt"]
-    if best_ckpt and (work_dir / best_ckpt).is_file():
+    how = "mmcv recorded no best"
+    if best_ckpt and not (work_dir / best_ckpt).is_file():
+        how = "mmcv lost its best file"
+    elif best_ckpt:
         epoch = int(best_ckpt.rsplit("_", 1)[1].split(".")[0])
         if epoch in had:
-            return epoch
+            return epoch, "mmcv's best"
+        how = "mmcv's best has no epoch_N.pth"
     less = "loss" in s.key
     best: tuple[int, float] | None = None
     for epoch, value in sorted(logged_evaluations(s).items()):
@@ -201,7 +209,7 @@ def oracle(s: Settings, work_dir: Path, result: dict[str, Any], had: set[int]) -
             continue
         if best is None or (value < best[1] if less else value > best[1]):
             best = (epoch, value)
-    return best[0] if best else None
+    return (best[0] if best else None), how
 
 
 def expected_kept(
@@ -235,8 +243,10 @@ def disputes_in(out: str) -> set[int]:
     return found
 
 
-def check(s: Settings, root: Path, snapshots: dict[int, dict[str, torch.Tensor]]) -> list[str]:
-    """What ckptd did wrong in this run (empty: nothing)."""
+def check(
+    s: Settings, root: Path, snapshots: dict[int, dict[str, torch.Tensor]], tally: Counter[str]
+) -> list[str]:
+    """What ckptd did wrong in this run (empty: nothing); counts what the run covered."""
     work_dir = root / "work_dirs" / "run"
     result = json.loads((root / f"result-{1 if s.resume else 0}.json").read_text())
     had = set(snapshots)
@@ -244,7 +254,9 @@ def check(s: Settings, root: Path, snapshots: dict[int, dict[str, torch.Tensor]]
     best_stat = _stat(work_dir / result["best_ckpt"]) if result["best_ckpt"] else None
     out = once(root)
     problems = []
-    want = oracle(s, work_dir, result, had)
+    want, how = oracle(s, work_dir, result, had)
+    disputed = disputes_in(out)
+    tally.update([how] + (["disputed"] if disputed else []))
     manifest_file = work_dir / "best" / "manifest.json"
     artifacts = json.loads(manifest_file.read_text())["artifacts"] if manifest_file.exists() else {}
     got = artifacts.get(s.key, {}).get("epoch")
@@ -265,7 +277,7 @@ def check(s: Settings, root: Path, snapshots: dict[int, dict[str, torch.Tensor]]
             problems.append(f"{result['best_ckpt']}, mmcv's own best file, was changed")
     latest = int(os.readlink(work_dir / "latest.pth")[6:-4])
     kept = set(epoch_numbers(work_dir))
-    wanted = expected_kept(s, before, want, latest, disputes_in(out))
+    wanted = expected_kept(s, before, want, latest, disputed)
     if kept != wanted:
         problems.append(f"kept epochs {sorted(kept)}, policy says {sorted(wanted)}")
     stable = trainer_files(work_dir)
@@ -293,13 +305,17 @@ def test_ckptd_matches_mmcv_over_drawn_configurations(tmp_path: Path) -> None:
     )
     failures: list[str] = []
     resumed = []
+    tally: Counter[str] = Counter()
     for i, (s, root) in enumerate(zip(runs, roots, strict=True)):
         configure(s, root)
         work_dir = root / "work_dirs" / "run"
         snapshots[i].update(epoch_files(work_dir))
         if not s.resume:
             continue
-        once(root)
+        try:
+            once(root)
+        except AssertionError as exc:
+            failures.append(f"seed {s.seed} {json.dumps(asdict(s))}:\n  first once: {exc}")
         left = epoch_numbers(work_dir)
         s.resumed_from = max(left) if s.resume == "latest" else random.Random(s.seed).choice(left)
         resumed.append(harness_args(s, work_dir, 1))
@@ -307,10 +323,19 @@ def test_ckptd_matches_mmcv_over_drawn_configurations(tmp_path: Path) -> None:
         run_batch(resumed, tmp_path)
     for i, (s, root) in enumerate(zip(runs, roots, strict=True)):
         snapshots[i].update(epoch_files(root / "work_dirs" / "run"))
-        problems = check(s, root, snapshots[i])
+        try:
+            problems = check(s, root, snapshots[i], tally)
+        except AssertionError as exc:
+            problems = [f"once failed: {exc}"]
         if problems:
             failures.append(f"seed {s.seed} {json.dumps(asdict(s))}:\n  " + "\n  ".join(problems))
-    covered = sorted({p for s in runs for p in s.patterns})
-    summary = f"{RUNS} runs from seed {BASE_SEED}; patterns {covered}"
+    tally.update(p.split(":")[1] for s in runs for p in s.patterns)
+    tally.update(f"resume {s.resume}" for s in runs if s.resume)
+    tally.update("val workflow" for s in runs if s.val_workflow)
+    tally.update("intervals differ" for s in runs if s.checkpoint_interval != s.eval_interval)
+    tally.update("less" for s in runs if "loss" in s.key)
+    summary = (
+        f"{RUNS} runs from seed {BASE_SEED}, {len(failures)} with disagreements; {dict(tally)}"
+    )
     print(summary)
     assert not failures, summary + "\n" + "\n".join(failures)
