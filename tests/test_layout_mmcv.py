@@ -234,3 +234,27 @@ def test_real_best_at_the_last_epoch_is_read_from_evalhooks_best_file(tmp_path: 
     assert epoch_4["best_ckpt"].endswith("best_bbox_mAP_epoch_2.pth")  # as of epoch 3
     once_ok(tmp_path)
     assert_artifact_is(work_dir, "bbox_mAP", 4)
+
+
+@pytest.mark.trainer
+def test_real_resume_from_the_best_epochs_own_checkpoint(tmp_path: Path) -> None:
+    # The first launch's best is its last epoch, 4. Resuming from epoch_4.pth restores
+    # hook_msgs as of epoch 3 (best: epoch 2, whose best file mmcv removed when 4 won), and
+    # epoch 4 is never evaluated again: mmcv ends up naming a best file that is gone.
+    table = "bbox_mAP=0.3,0.45,0.4,0.5,0.35,0.38"
+    work_dir, _ = real_run(
+        tmp_path, "--epochs", "4", "--tables", table, "--timestamp", "20240101_000000"
+    )
+    once_ok(tmp_path)
+    assert checkpoints(work_dir) == ["epoch_3.pth", "epoch_4.pth"]
+    _, result = real_run(
+        tmp_path, "--epochs", "6", "--tables", table, "--resume-from", "epoch_4.pth",
+        "--timestamp", "20240102_000000",
+    )  # fmt: skip
+    assert result["best_ckpt"] == "best_bbox_mAP_epoch_2.pth"
+    assert "best_bbox_mAP_epoch_2.pth" not in result["files"]
+    assert "best_bbox_mAP_epoch_4.pth" in result["files"]  # left behind
+    out = once_ok(tmp_path)
+    assert "bbox_mAP = 0.5 (greater) at epoch 4" in out and "trainer holds" not in out, out
+    assert checkpoints(work_dir) == ["epoch_5.pth", "epoch_6.pth"]
+    assert_artifact_is(work_dir, "bbox_mAP", 4)
