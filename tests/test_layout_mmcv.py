@@ -144,6 +144,28 @@ def test_meta_lines_strings_and_bad_records(tmp_path: Path) -> None:
     assert problem.where == "20240101_120000.log.json:8" and "'epoch'" in problem.message
 
 
+def test_val_workflow_lines_merge_across_passes(tmp_path: Path) -> None:
+    # mmcv's two val lines of an epoch: EvalHook's, then the val workflow's (with 'time').
+    log = tmp_path / "20240101_120000.log.json"
+    evaluation = {"mode": "val", "epoch": 1, "iter": 2, "lr": 0.01, "bbox_mAP": 0.4}
+    workflow = {"mode": "val", "epoch": 1, "iter": 2, "lr": 0.01, "loss": 0.7, "time": 0.1}
+    log.write_text(json.dumps(evaluation) + "\n")
+    layout = MMCVLayout()
+    first = layout.read_evals(tmp_path, {}, "epoch")
+    with log.open("a") as f:  # the second line arrives after a pass read the first
+        f.write(json.dumps(workflow) + "\n")
+        f.write(json.dumps({**workflow, "epoch": 2}) + "\n")  # eval interval 2: no EvalHook
+    read = layout.read_evals(tmp_path, first.sources, "epoch")
+    assert [(r.index, r.metrics, r.line) for r in read.records] == [
+        (1, {"bbox_mAP": 0.4, "loss": 0.7}, 1)
+    ]
+    named = MMCVLayout(metrics=("loss",)).read_evals(tmp_path, {}, "epoch")
+    assert [(r.index, list(r.metrics)) for r in named.records] == [
+        (1, ["bbox_mAP", "loss"]),
+        (2, ["loss"]),  # a val-loss-only epoch counts for a configured val loss
+    ]
+
+
 def test_latest_pth_copy_and_iteration_based_runs(tmp_path: Path) -> None:
     work_dir = tmp_path / "run"
     launch(work_dir, "20240101_120000", range(1, 3), VALUES)
