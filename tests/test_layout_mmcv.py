@@ -237,6 +237,9 @@ def test_real_best_follows_evalhook_when_the_log_rounds_a_tie(tmp_path: Path) ->
     work_dir, result = real_run(tmp_path, "--epochs", "6", "--tables", table)
     assert result["best_ckpt"] == "best_bbox_mAP_epoch_4.pth"
     assert result["best_score"] == 0.5000006
+    log = next(work_dir.glob("*.log.json")).read_text().splitlines()
+    logged = [json.loads(x)["bbox_mAP"] for x in log if '"bbox_mAP"' in x]
+    assert logged == [0.3, 0.5, 0.4, 0.5, 0.45, 0.5]  # TextLoggerHook: round(v, 5)
     out = once_ok(tmp_path)
     assert "the trainer holds 4 as best" in out, out
     assert_artifact_is(work_dir, "bbox_mAP", 4)
