@@ -22,6 +22,7 @@ from ckptd.config import ConfigError, LoadedConfig, load_config
 from ckptd.fsutil import FileStat
 from ckptd.layouts import LayoutError, choose_layout
 from ckptd.metrics import DaemonMetrics
+from ckptd.outcome import SkipReason
 from ckptd.reconcile import PassOptions, Target, WorkDirReport, reconcile
 from ckptd.report import log_actions, metrics_of
 from ckptd.schedule import (
@@ -341,7 +342,7 @@ class Daemon:
             slot.failures += 1
             return now + backoff(slot.failures)
         slot.failures = 0
-        if report.skipped.startswith("locked"):
+        if report.skip is SkipReason.LOCKED:
             if report.skipped != slot.busy_holder:
                 log.warning(report.skipped, extra=_f(slot.target.work_dir, action="skip"))
                 slot.busy_holder = report.skipped

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptd.fsutil import FileStat
-from ckptd.outcome import Target, WorkDirReport
+from ckptd.outcome import ArtifactStatus, Target, WorkDirReport
 from ckptd.state import WorkDirLock
 
 DEBOUNCE = 0.2  # coalesce the burst of events one checkpoint or log line causes
@@ -55,7 +55,7 @@ def recheck_time(report: WorkDirReport, settle: float, now: float) -> float | No
         return None
     times = []
     if any(not c.complete for c in observation.scan.checkpoints) or any(
-        a.status == "deferred" for a in report.artifacts
+        a.status is ArtifactStatus.DEFERRED for a in report.artifacts
     ):
         times.append(now + max(settle, 0.5))
     grace = report.target.project.retention.pending_eval_grace
