@@ -27,10 +27,11 @@ OPTIONAL = "torch,numpy"
 # Epoch 2 is the best of the first launch, epoch 6 of the resumed one.
 MAP = (0.3, 0.5, 0.4, 0.45, 0.2, 0.6)
 # Every ckptd module, for its module-level imports: but the demo trainer, and __main__ (it runs).
+# By last name, so that the modules may move into packages.
 IMPORT_ALL = """
 import importlib, pkgutil, ckptd
 for m in pkgutil.walk_packages(ckptd.__path__, "ckptd."):
-    if m.name not in ("ckptd.simulate", "ckptd.__main__"):
+    if m.name.rpartition(".")[2] not in ("simulate", "__main__"):
         importlib.import_module(m.name)
 """
 
