@@ -103,6 +103,20 @@ class WorkDirReport:
     def failed(self) -> bool:
         return bool(self.errors)
 
+    @property
+    def changes_at(self) -> float | None:
+        """The earliest wall-clock moment this pass's outcome changes by time alone: a file
+        becomes old enough to trust, or a keep rule's answer runs out (pending_eval_grace)."""
+        moments = [
+            t
+            for t in (
+                self.observation.changes_at if self.observation else None,
+                self.plan.changes_at if self.plan else None,
+            )
+            if t is not None
+        ]
+        return min(moments, default=None)
+
     def error(self, kind: ErrorKind, message: str) -> None:
         self.errors.append(message)
         self.error_kinds.append(kind)

@@ -73,13 +73,27 @@ class KeepRule(Protocol):
         """Map checkpoint name -> why this rule keeps it."""
         ...
 
+    def changes_at(self, given: PolicyInput) -> float | None:
+        """The wall-clock moment this rule's answer changes with no new input (None: never).
+
+        The daemon's scheduler passes again at the earliest such moment of all rules, so
+        time-based rules need no second clock elsewhere."""
+        ...
+
+
+class Timeless:
+    """Rules whose answer changes only when the work_dir does."""
+
+    def changes_at(self, given: PolicyInput) -> float | None:
+        return None
+
 
 def _complete(given: PolicyInput) -> list[Checkpoint]:
     return sorted((c for c in given.checkpoints if c.complete), key=lambda c: c.index)
 
 
 @dataclass(frozen=True)
-class BeingWritten:
+class BeingWritten(Timeless):
     rule: ClassVar[RuleId] = RuleId.BEING_WRITTEN
     protects: ClassVar[bool] = True
 
@@ -92,7 +106,7 @@ class BeingWritten:
 
 
 @dataclass(frozen=True)
-class NewestComplete:
+class NewestComplete(Timeless):
     rule: ClassVar[RuleId] = RuleId.NEWEST
     protects: ClassVar[bool] = True
 
@@ -102,7 +116,7 @@ class NewestComplete:
 
 
 @dataclass(frozen=True)
-class ResumePointer:
+class ResumePointer(Timeless):
     rule: ClassVar[RuleId] = RuleId.RESUME_POINTER
     protects: ClassVar[bool] = True
 
@@ -120,22 +134,31 @@ class PendingEvaluation:
     rule: ClassVar[RuleId] = RuleId.PENDING_EVALUATION
     protects: ClassVar[bool] = True
 
-    def keeps(self, given: PolicyInput) -> dict[str, list[Reason]]:
-        kept: dict[str, list[Reason]] = {}
+    def _waiting(self, given: PolicyInput) -> dict[str, float]:
+        """Checkpoint name -> the wall-clock end of its grace, for those still waiting."""
+        waiting = {}
         for c in given.checkpoints:
             if c.index in given.evaluated:
                 continue
             if given.latest_evaluated is not None and given.latest_evaluated > c.index:
                 continue  # with val_interval > 1 some epochs are never evaluated
-            age = given.now - c.stat.mtime_ns / 1e9
-            left = self.grace_seconds - age
-            if left > 0:
-                kept[c.name] = [Reason(self.rule, {"seconds_left": round(left)})]
-        return kept
+            ends = c.stat.mtime_ns / 1e9 + self.grace_seconds
+            if ends > given.now:
+                waiting[c.name] = ends
+        return waiting
+
+    def keeps(self, given: PolicyInput) -> dict[str, list[Reason]]:
+        return {
+            name: [Reason(self.rule, {"seconds_left": round(ends - given.now)})]
+            for name, ends in self._waiting(given).items()
+        }
+
+    def changes_at(self, given: PolicyInput) -> float | None:
+        return min(self._waiting(given).values(), default=None)
 
 
 @dataclass(frozen=True)
-class BestArtifactPending:
+class BestArtifactPending(Timeless):
     """The best checkpoint stays until its slim artifact is durable."""
 
     rule: ClassVar[RuleId] = RuleId.BEST_ARTIFACT_PENDING
@@ -153,7 +176,7 @@ class BestArtifactPending:
 
 
 @dataclass(frozen=True)
-class DisputedBest:
+class DisputedBest(Timeless):
     """When the trainer's recorded best and the logs' best differ, neither is deleted."""
 
     rule: ClassVar[RuleId] = RuleId.BEST_DISPUTED
@@ -176,7 +199,7 @@ class DisputedBest:
 
 
 @dataclass(frozen=True)
-class LatestN:
+class LatestN(Timeless):
     n: int
     rule: ClassVar[RuleId] = RuleId.KEEP_LAST
     protects: ClassVar[bool] = False
@@ -187,7 +210,7 @@ class LatestN:
 
 
 @dataclass(frozen=True)
-class EveryNth:
+class EveryNth(Timeless):
     k: int
     rule: ClassVar[RuleId] = RuleId.KEEP_EVERY
     protects: ClassVar[bool] = False
@@ -201,7 +224,7 @@ class EveryNth:
 
 
 @dataclass(frozen=True)
-class BestFull:
+class BestFull(Timeless):
     rule: ClassVar[RuleId] = RuleId.KEEP_BEST_FULL
     protects: ClassVar[bool] = False
 
@@ -252,6 +275,8 @@ class Plan:
     decisions: tuple[Decision, ...]
     # Protected checkpoints alone hold more than max_total_size: (held bytes, budget).
     over_budget: tuple[int, int] | None = None
+    # The earliest wall-clock moment a rule's answer changes by time alone (None: never).
+    changes_at: float | None = None
 
     def with_action(self, action: Action) -> list[Decision]:
         return [d for d in self.decisions if d.action is action]
@@ -317,7 +342,9 @@ def plan(given: PolicyInput, retention: RetentionConfig, held_by: Sequence[str] 
     forbid deleting anything in the work_dir; every deletion becomes a hold naming them."""
     reasons: dict[str, list[Reason]] = {c.name: [] for c in given.checkpoints}
     protected: set[str] = set()
-    for rule in rules_for(retention):
+    rules = rules_for(retention)
+    moments = [t for t in (rule.changes_at(given) for rule in rules) if t is not None]
+    for rule in rules:
         for name, why in rule.keeps(given).items():
             reasons[name].extend(why)
             if rule.protects:
@@ -342,4 +369,4 @@ def plan(given: PolicyInput, retention: RetentionConfig, held_by: Sequence[str] 
             else d
             for d in decisions
         ]
-    return Plan(tuple(decisions), over_budget)
+    return Plan(tuple(decisions), over_budget, min(moments, default=None))

@@ -224,3 +224,15 @@ def test_disputed_best_keeps_both_checkpoints() -> None:
         "the logs' best mAP while the trainer (3) and its logs (2) disagree"
     )
     assert all(d.protected for d in p.kept if d.checkpoint.index in (2, 3))
+
+
+def test_the_plan_says_when_time_alone_changes_it() -> None:
+    # epoch 3 waits for its evaluation (grace 1 h, written 60 s ago): the plan changes then
+    cps = [ckpt(i, age=60) for i in range(1, 4)]
+    p = plan(given(cps, evaluated={1, 2}), RetentionConfig(keep_last=1, pending_eval_grace=3600))
+    assert p.changes_at == pytest.approx(NOW - 60 + 3600)
+    # a later epoch was evaluated (val_interval > 1): epoch 2 waits for nothing, so there is
+    # no moment to come back for (the old second clock in the scheduler still waited)
+    p = plan(given(cps, evaluated={1, 3}), RetentionConfig(keep_last=1, pending_eval_grace=3600))
+    assert p.changes_at is None
+    assert plan(given(cps), RetentionConfig(keep_last=1)).changes_at is None
