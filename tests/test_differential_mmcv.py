@@ -27,7 +27,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,7 +48,8 @@ pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 HARNESS = REPO / "tests" / "trainers" / "mmcv_real.py"
 # 40 runs take about 65 s on a 2-core machine shared with other jobs.
 RUNS = int(os.environ.get("CKPTD_DIFF_RUNS", "40"))
-BASE_SEED = int(os.environ.get("CKPTD_DIFF_SEED", str(int(time.time()) % 100_000)))
+# A fixed default keeps CI reproducible; long runs pick their own seed (see the README).
+BASE_SEED = int(os.environ.get("CKPTD_DIFF_SEED", "5000"))
 LAUNCH_STAMPS = ("20240101_000000", "20240102_000000")
 
 
