@@ -70,6 +70,7 @@ class _WorkDirStats:
     uploads: int = 0
     uploaded_bytes: int = 0
     upload_failures: int = 0
+    upload_timeouts: int = 0
 
 
 class _WorkDirCollector(Collector):
@@ -138,6 +139,9 @@ def _publish_families(rows: list[tuple[str, _WorkDirStats]], wdp: list[str]) -> 
     )
     sent = CounterMetricFamily("ckptd_publish_uploaded_bytes", "Bytes uploaded.", labels=wdp)
     failures = CounterMetricFamily("ckptd_publish_failures", "Failed publishes.", labels=wdp)
+    timeouts = CounterMetricFamily(
+        "ckptd_publish_timeouts", "Publishes stopped at artifact.publish.timeout.", labels=wdp
+    )
     pending = GaugeMetricFamily(
         "ckptd_publish_pending",
         "1 while the remote manifest is not yet the local one (new best, or failed uploads).",
@@ -150,8 +154,9 @@ def _publish_families(rows: list[tuple[str, _WorkDirStats]], wdp: list[str]) -> 
         uploads.add_metric(labels, s.uploads)
         sent.add_metric(labels, s.uploaded_bytes)
         failures.add_metric(labels, s.upload_failures)
+        timeouts.add_metric(labels, s.upload_timeouts)
         pending.add_metric(labels, int(s.publish_pending))
-    return [uploads, sent, failures, pending]
+    return [uploads, sent, failures, timeouts, pending]
 
 
 class DaemonMetrics:
@@ -239,6 +244,7 @@ class DaemonMetrics:
         uploaded_bytes: int,
         failed: bool,
         pending: bool,
+        timed_out: bool = False,
     ) -> None:
         """One publish attempt of ``artifact.publish``: counters add, ``pending`` replaces."""
         with self._lock:
@@ -248,6 +254,7 @@ class DaemonMetrics:
             row.uploads += max(0, uploads)
             row.uploaded_bytes += max(0, uploaded_bytes)
             row.upload_failures += int(failed)
+            row.upload_timeouts += int(timed_out)
             row.publish_pending = pending
 
     def forget(self, work_dir: str) -> None:
@@ -277,6 +284,7 @@ class DaemonMetrics:
                         uploads=s.uploads,
                         uploaded_bytes=s.uploaded_bytes,
                         upload_failures=s.upload_failures,
+                        upload_timeouts=s.upload_timeouts,
                     ),
                 )
                 for path, s in sorted(self._rows.items())

@@ -87,6 +87,8 @@ class StoreAttempt:
         self.in_place = False  # the remote manifest equals the local one, and it is recorded
         self.changed_remote = False  # this attempt put it there
         self.stop = stop or (lambda: False)
+        # told before each remote operation: the publishing process reports where it is
+        self.on_step: Callable[[str], None] = lambda what: None
         self.fs, root = _open_fs(url, dict(config.storage_options))
         self.root = root.rstrip("/")
         self.local_fs = bool({"file", "local"} & set(_protocols(self.fs)))
@@ -97,6 +99,7 @@ class StoreAttempt:
     def retry(self, what: str, fn: Callable[[], T]) -> T:
         for attempt in range(RETRIES):
             self.check_stop()
+            self.on_step(what if not attempt else f"{what} (try {attempt + 1} of {RETRIES})")
             try:
                 return fn()
             except (PublishError, PublishCancelled, PermissionError, FileNotFoundError):
@@ -136,7 +139,7 @@ class StoreAttempt:
         self.state.manifest_sha256 = sha256_of(raw)
         self.state.files = new_files
         self.state.time = now_iso() if remote_raw != raw or not self.state.time else self.state.time
-        self.state.failures, self.state.last_error = 0, ""
+        self.state.failures, self.state.timeouts, self.state.last_error = 0, 0, ""
         self.changed_remote = remote_raw != raw
         save_publish_state(self.work_dir, self.state)
         self.in_place = True
