@@ -81,10 +81,14 @@ class AttemptProcess:
         self.in_place = False
         self.changed_remote = False
         self.step = "starting"
+        config = target.project.artifact.publish
+        assert config is not None
+        self.timeout = config.timeout  # as configured, for the message
         self._result: dict[str, Any] | None = None
+        self._stderr: list[str] = []
 
     def run(self, raw: bytes, data: dict[str, Any], entries: dict[str, ArtifactEntry]) -> None:
-        timeout = self.target.project.artifact.publish.timeout  # type: ignore[union-attr]
+        """As ``StoreAttempt.run``; the child parses ``raw`` again (data and entries are its)."""
         request = {
             "work_dir": str(self.target.work_dir),
             "base_dir": str(self.target.base_dir),
@@ -106,7 +110,6 @@ class AttemptProcess:
             threading.Thread(target=self._read_events, args=(proc.stdout,), daemon=True),
             threading.Thread(target=self._read_stderr, args=(proc.stderr,), daemon=True),
         ]
-        self._stderr: list[str] = []
         for reader in readers:
             reader.start()
         try:
@@ -124,7 +127,7 @@ class AttemptProcess:
                 reader.join(KILL_WAIT)
         if outcome == "timeout":
             self._adopt_record(raw, before)
-            raise PublishTimeout(self._timeout_message(timeout))
+            raise PublishTimeout(self._timeout_message())
         if outcome == "cancelled" and self._result is None:
             self._adopt_record(raw, before)
             raise PublishCancelled
@@ -206,7 +209,7 @@ class AttemptProcess:
             self.in_place = True
             self.changed_remote = before != saved.manifest_sha256
 
-    def _timeout_message(self, timeout: float) -> str:
+    def _timeout_message(self) -> str:
         if self.in_place:
             where = (
                 "the new manifest is in place; removing replaced objects is left for the "
@@ -219,7 +222,7 @@ class AttemptProcess:
             )
         return (
             f"{self.url}: publishing did not finish within artifact.publish.timeout "
-            f"({format_duration(timeout)}) and was stopped while {self.step}; {where}. "
+            f"({format_duration(self.timeout)}) and was stopped while {self.step}; {where}. "
             "Check that the store answers (endpoint, network, firewall), or raise "
             "artifact.publish.timeout for a slow link; will retry"
         )
