@@ -2,7 +2,8 @@
 
 ``publish`` makes the remote manifest equal the local one (level-triggered, like a reconcile
 pass) and records the result in ``.ckptd/publish.json``; ``publishstore`` does the uploads in
-the order that keeps remote readers safe. ``ckptd once`` publishes after its passes
+the order that keeps remote readers safe, in a process of its own that is killed at
+``artifact.publish.timeout`` (``publishproc``). ``ckptd once`` publishes after its passes
 (``publish_reports``); ``ckptd run`` from a background queue (``publishqueue``), so uploads never
 hold up retention. fsspec and its backends are imported only when something is published.
 """
@@ -47,7 +48,7 @@ class PublishOutcome:
     detail: str = ""
     failures: int = 0  # failed attempts since the last success
     timed_out: bool = False  # this attempt was stopped at artifact.publish.timeout
-    timeouts: int = 0  # attempts stopped so since the last success
+    timeouts: int = 0  # of the failures since the last success, those stopped so
     retry_soon: bool = False  # the local artifact changed under the upload
 
     @property
