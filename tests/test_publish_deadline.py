@@ -17,6 +17,7 @@ import pytest
 
 from ckptd.publishstore import TEMP_PREFIX
 from ckptd.state import load_publish_state
+from tests.daemon_proc import DaemonProcess
 from tests.faults.stores import FreezingProxy, HangingServer
 from tests.helpers import checkpoints, write_config
 from tests.test_publish import (
@@ -236,3 +237,44 @@ def test_config_timeout_default_and_units(tmp_path: Path) -> None:
     assert timeout_of({}) == 600.0
     assert timeout_of({"timeout": "1h30m"}) == 5400.0
     assert timeout_of({"timeout": 45}) == 45.0
+
+
+def publishing_processes() -> list[int]:
+    """Publishing processes of this ckptd still alive (their command line names its folder)."""
+    from ckptd.publishproc import ROOT
+
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"child_main" in b" ".join(argv) and ROOT.encode() in argv and state != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+def test_ckptd_run_logs_the_deadline_and_stops_with_no_publisher_left(tmp_path: Path) -> None:
+    port = free_port()
+    t = trainer(tmp_path, "daemon")
+    epochs(t, 2)
+    config = deadline_config(tmp_path, f"http://127.0.0.1:{port}")
+    with HangingServer(port, "silent"), DaemonProcess(config) as daemon:
+        daemon.wait_ready()
+        record = daemon.wait_for(lambda r: "publish failed" in r.get("message", ""), 30)
+        assert "artifact.publish.timeout (6s) and was stopped while" in record["message"]
+        assert record["level"] == "warning" and record["url"].endswith("/test/daemon/")
+        epochs(t, 1)  # retention goes on: the publisher never held a pass
+        daemon.wait_for(lambda r: r.get("action") == "delete", 30)
+        wait = time.monotonic() + 15  # until the retry after the backoff (5 s) hangs too
+        while not publishing_processes() and time.monotonic() < wait:
+            time.sleep(0.05)
+        assert publishing_processes(), "no retry started"
+        started = time.monotonic()  # stopping ckptd while its publishing process hangs
+        assert daemon.stop() == 0
+        assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 10  # a hung child is killed 5 s after the stop at the latest
+    while publishing_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not publishing_processes()
