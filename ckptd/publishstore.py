@@ -180,6 +180,28 @@ class StoreAttempt:
             if str(name).rstrip("/").rsplit("/", 1)[-1].startswith(TEMP_PREFIX):
                 with contextlib.suppress(FileNotFoundError):
                     self.retry("removing a leftover upload", lambda n=name: self.fs.rm(n))
+        self.abort_temp_multiparts()
+
+    def abort_temp_multiparts(self) -> None:
+        """S3: an upload killed mid-way (a crash, artifact.publish.timeout) leaves the parts of
+        a multipart upload, invisible but billed. Abort those of ckptd's temporary keys, best
+        effort: a store without the call, or a policy without the permission, changes nothing."""
+        call = getattr(self.fs, "call_s3", None)
+        if call is None or not _is_object_store(self.fs):
+            return
+        try:
+            bucket, prefix, _ = self.fs.split_path(self.key(TEMP_PREFIX))
+            listing = call("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+            for upload in listing.get("Uploads", []):
+                self.on_step("aborting a leftover multipart upload")
+                call(
+                    "abort_multipart_upload",
+                    Bucket=bucket,
+                    Key=upload["Key"],
+                    UploadId=upload["UploadId"],
+                )
+        except Exception:  # the lifecycle rule in docs/publish.md is the backstop
+            pass
 
     def objects_of(self, entry: ArtifactEntry) -> list[tuple[str, str, int]]:
         """(name under the prefix, sha256, bytes) of each object the artifact becomes.

@@ -278,3 +278,22 @@ def test_ckptd_run_logs_the_deadline_and_stops_with_no_publisher_left(tmp_path: 
     while publishing_processes() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not publishing_processes()
+
+
+def test_leftover_multipart_uploads_of_temporary_keys_are_aborted(
+    tmp_path: Path,
+    shared_server: MotoServer,  # noqa: F811 (the fixture imported above)
+) -> None:
+    """What a kill in the middle of a large upload leaves on S3: the parts of an unfinished
+    multipart upload to a temporary key. The next attempt aborts it, and only it."""
+    t = trainer(tmp_path, "parts")
+    epochs(t, 2)
+    config = deadline_config(tmp_path, shared_server.endpoint, WORKING)
+    fs, root = shared_server.fs(), remote_root("test", t.work_dir)
+    prefix = root.split("/", 1)[1]
+    for name in (f"{TEMP_PREFIX}dead0000-best.pth", "someone-elses-upload.bin"):
+        fs.call_s3("create_multipart_upload", Bucket=BUCKET, Key=f"{prefix}/{name}")
+    code, report = once(config)
+    assert code == 0, report["errors"]
+    listing = fs.call_s3("list_multipart_uploads", Bucket=BUCKET, Prefix=f"{prefix}/")
+    assert [u["Key"] for u in listing.get("Uploads", [])] == [f"{prefix}/someone-elses-upload.bin"]
