@@ -202,9 +202,10 @@ class AttemptProcess:
 
     def _adopt_record(self, raw: bytes, before: str) -> None:
         """The child is gone without a result; it saves the record once the new manifest is
-        in place, so a record naming it means it got that far."""
+        in place, so a record it changed to name that manifest means it got that far."""
         saved = load_publish_state(self.target.work_dir)
-        if saved.url == self.url and saved.manifest_sha256 == sha256_of(raw):
+        changed = saved.to_json() != self.state.to_json()
+        if changed and saved.url == self.url and saved.manifest_sha256 == sha256_of(raw):
             _copy_into(self.state, saved)
             self.in_place = True
             self.changed_remote = before != saved.manifest_sha256

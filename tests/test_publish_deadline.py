@@ -157,6 +157,39 @@ def test_a_store_freezing_mid_upload_never_shows_a_partial_best(
     assert names(fs, root) == ["best_coco_bbox_mAP_epoch_4.pth", "manifest.json"]
 
 
+def test_a_deadline_after_the_manifest_leaves_only_the_clean_up(
+    tmp_path: Path,
+    shared_server: MotoServer,  # noqa: F811 (the fixture imported above)
+) -> None:
+    """Killed while removing the replaced best: the new manifest is in place and recorded as
+    such, the old file is still to remove, and the next attempt removes it."""
+    port, upstream = free_port(), int(shared_server.endpoint.rsplit(":", 1)[1])
+    t = trainer(tmp_path, "cleanup")
+    config = deadline_config(tmp_path, f"http://127.0.0.1:{port}", WORKING)
+    fs, root = shared_server.fs(), remote_root("test", t.work_dir)
+    old, new = "best_coco_bbox_mAP_epoch_2.pth", "best_coco_bbox_mAP_epoch_4.pth"
+    with FreezingProxy(port, upstream, lambda chunk: False):
+        epochs(t, 2)
+        assert timed_once(config)[1] == 0
+    epochs(t, 2)
+    deadline_config(tmp_path, f"http://127.0.0.1:{port}", FREEZE)
+    with FreezingProxy(port, upstream, lambda chunk: chunk.startswith(b"DELETE ")) as proxy:
+        _seconds, code, report = timed_once(config)
+        assert proxy.frozen.is_set()
+    assert code == 1 and report["publish"]["status"] == "published", report["publish"]
+    error = report["publish"]["error"]
+    assert f"stopped while removing the replaced {old}; the new manifest is in place" in error
+    assert_mirrors_local(fs, root, t.work_dir)  # readers already have the new best
+    record = load_publish_state(t.work_dir)
+    assert record.stale == [old] and new in record.files and record.timeouts == 1
+
+    deadline_config(tmp_path, f"http://127.0.0.1:{port}", WORKING)
+    with FreezingProxy(port, upstream, lambda chunk: False):
+        _seconds, code, report = timed_once(config)
+    assert code == 0 and report["publish"]["removed"] == [old], report
+    assert names(fs, root) == [new, "manifest.json"]
+
+
 def test_the_publisher_thread_of_ckptd_run_is_free_again_after_the_deadline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
