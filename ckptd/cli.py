@@ -136,7 +136,7 @@ def _pass(args: argparse.Namespace, dry_run: bool) -> tuple[list, list[str]]:
 
     loaded = _load(args)
     found = discover(loaded)
-    options = PassOptions(settle=loaded.config.watch.settle, dry_run=dry_run)
+    options = PassOptions(settle=loaded.config.watch.settle, dry_run=dry_run, one_shot=True)
     reports = [reconcile(target, options) for target in found.targets]
     if any(t.project.artifact.publish for t in found.targets):
         from ckptd.publish import publish_reports

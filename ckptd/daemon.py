@@ -322,6 +322,7 @@ class Daemon:
                 uploaded_bytes=outcome.uploaded_bytes,
                 failed=outcome.failed,
                 pending=outcome.pending,
+                timed_out=outcome.timed_out,
             )
 
     def _next_due(

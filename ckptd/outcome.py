@@ -133,3 +133,5 @@ class PassOptions:
     # inotify's close-after-write: checkpoint name -> stat at close (daemon only)
     closed: Mapping[str, FileStat] = field(default_factory=dict)
     progress: Callable[[int, int], None] | None = None
+    # ckptd once / status: no later pass finishes what waits, unless the user runs one
+    one_shot: bool = False

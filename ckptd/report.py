@@ -110,7 +110,10 @@ def _publish_text(p: PublishOutcome) -> str:
     if p.removed:
         text += f"; removed replaced {', '.join(p.removed)}"
     if p.error:
-        text += f"; error: {p.error}" + (f" ({p.failures} failed attempt(s))" if p.failures else "")
+        stopped = f", {p.timeouts} stopped at the deadline" if p.timeouts else ""
+        text += f"; error: {p.error}" + (
+            f" ({p.failures} failed attempt(s){stopped})" if p.failures else ""
+        )
     if p.detail:
         text += f"; {p.detail}"
     return text
