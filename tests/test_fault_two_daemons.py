@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from ckptd.schedule import BUSY_RETRY
+from ckptd.service.schedule import BUSY_RETRY
 from tests.daemon_proc import DaemonProcess, actions
 from tests.faults.figures import report
 from tests.faults.invariants import Stream, StreamChecker, artifact_problems, temp_files

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from ckptd.config import RetentionConfig
-from ckptd.fsutil import FileStat
-from ckptd.model import Checkpoint
-from ckptd.policy import PolicyInput, plan
+from ckptd.core.config import RetentionConfig
+from ckptd.core.model import Checkpoint
+from ckptd.core.policy import PolicyInput, plan
+from ckptd.fs.durable import FileStat
 
 NOW = 1_000_000.0
 MB = 1_000_000

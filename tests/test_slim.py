@@ -1,4 +1,4 @@
-"""Slimming real torch checkpoints (``ckptd.slim``, ``ckptd.torchzip``, ``ckptd.copyhash``)."""
+"""Slimming real torch checkpoints (``ckptd.slim.slimmer``, ``ckptd.slim.torchzip``, ``ckptd.slim.copyhash``)."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.serialization import config as torch_config
 
-import ckptd.slim as slim_module
-from ckptd.fsutil import TEMP_PREFIX
-from ckptd.slim import (
+import ckptd.slim.slimmer as slim_module
+from ckptd.fs.durable import TEMP_PREFIX
+from ckptd.slim.slimmer import (
     ArtifactWriteError,
     CheckpointChangedError,
     CorruptCheckpointError,
@@ -543,7 +543,7 @@ def test_copy_fallback_gives_identical_output(
             raise OSError(getattr(errno, how), os.strerror(getattr(errno, how)))
 
         monkeypatch.setattr(os, "copy_file_range", refuse)
-    monkeypatch.setattr("ckptd.copyhash.READ_CHUNK", 7)  # many partial reads and writes
+    monkeypatch.setattr("ckptd.slim.copyhash.READ_CHUNK", 7)  # many partial reads and writes
     assert slim_checkpoint(ckpt, dest, "b.pth").sha256 == reference
     assert (dest / "a.pth").read_bytes() == (dest / "b.pth").read_bytes()
 
@@ -614,7 +614,7 @@ def test_looks_complete(src: Path, tmp_path: Path) -> None:
 
 def test_daemon_path_never_imports_torch_or_numpy(ckpt: Path, dest: Path) -> None:
     code = (
-        "import sys; from ckptd.slim import slim_checkpoint, looks_complete, inspect_checkpoint;"
+        "import sys; from ckptd.slim.slimmer import slim_checkpoint, looks_complete, inspect_checkpoint;"
         f"slim_checkpoint({str(ckpt)!r}, {str(dest)!r}, 'x.pth'); looks_complete({str(ckpt)!r});"
         f"inspect_checkpoint({str(ckpt)!r});"
         "bad = [m for m in ('torch', 'numpy', 'mmengine') if m in sys.modules];"
@@ -685,7 +685,7 @@ def test_large_zip64_checkpoint_in_bounded_memory(tmp_path: Path) -> None:
     torch.save({"meta": {"epoch": 1}, "state_dict": state, "optimizer": {"x": torch.ones(3)}}, path)
     del big, state
     code = (
-        "import sys; from ckptd.slim import slim_checkpoint;"
+        "import sys; from ckptd.slim.slimmer import slim_checkpoint;"
         "r = slim_checkpoint(sys.argv[1], sys.argv[2], 'slim.pth'); print(r.seconds);"
         "print(open('/proc/self/status').read())"
     )

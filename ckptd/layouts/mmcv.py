@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ckptd.core.model import EvalRecord, Problem
 from ckptd.layouts.base import (
     EvalRead,
     SourceState,
@@ -25,7 +26,6 @@ from ckptd.layouts.base import (
     tail_json_lines,
 )
 from ckptd.layouts.mmengine import MMEngineLayout
-from ckptd.model import EvalRecord, Problem
 
 POINTER = "latest.pth"
 LOG_SUFFIX = ".log.json"

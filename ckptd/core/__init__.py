@@ -1,0 +1,1 @@
+"""Pure values and decisions: config models, units, best selection, keep-rules. No I/O."""
