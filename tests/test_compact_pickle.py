@@ -1,5 +1,5 @@
-"""Streaming ``data.pkl`` reads (``ckptd.slim.safepickle.compact_pickle``): long payloads stay in the
-file as ``Blob`` nodes, everything else behaves exactly like ``load_inert``."""
+"""Streaming ``data.pkl`` reads (``ckptd.slim.safepickle.compact_pickle``): long payloads stay
+in the file as ``Blob`` nodes, everything else behaves exactly like ``load_inert``."""
 
 from __future__ import annotations
 

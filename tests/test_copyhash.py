@@ -1,4 +1,5 @@
-"""``ckptd.slim.copyhash.ReadBackVerifier``: one read-back pass shared by the sha256 and CRC threads."""
+"""``ckptd.slim.copyhash.ReadBackVerifier``: one read-back pass shared by the sha256 and CRC
+threads."""
 
 from __future__ import annotations
 

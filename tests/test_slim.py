@@ -1,4 +1,5 @@
-"""Slimming real torch checkpoints (``ckptd.slim.slimmer``, ``ckptd.slim.torchzip``, ``ckptd.slim.copyhash``)."""
+"""Slimming real torch checkpoints (``ckptd.slim.slimmer``, ``ckptd.slim.torchzip``,
+``ckptd.slim.copyhash``)."""
 
 from __future__ import annotations
 
@@ -614,7 +615,8 @@ def test_looks_complete(src: Path, tmp_path: Path) -> None:
 
 def test_daemon_path_never_imports_torch_or_numpy(ckpt: Path, dest: Path) -> None:
     code = (
-        "import sys; from ckptd.slim.slimmer import slim_checkpoint, looks_complete, inspect_checkpoint;"
+        "import sys; from ckptd.slim.slimmer import slim_checkpoint, looks_complete,"
+        " inspect_checkpoint;"
         f"slim_checkpoint({str(ckpt)!r}, {str(dest)!r}, 'x.pth'); looks_complete({str(ckpt)!r});"
         f"inspect_checkpoint({str(ckpt)!r});"
         "bad = [m for m in ('torch', 'numpy', 'mmengine') if m in sys.modules];"

@@ -1,8 +1,9 @@
 """Errors raised while reading or slimming a checkpoint.
 
-They live apart from ``ckptd.slim.slimmer`` so the low-level readers (``ckptd.slim.torchzip``) can raise them
-without an import cycle. ``str(error)`` always starts with the checkpoint's path, says what is
-wrong and, where the user can do something about it, what to do.
+They live apart from ``ckptd.slim.slimmer`` so the low-level readers
+(``ckptd.slim.torchzip``) can raise them without an import cycle. ``str(error)`` always starts
+with the checkpoint's path, says what is wrong and, where the user can do something about it,
+what to do.
 """
 
 from __future__ import annotations
