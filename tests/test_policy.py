@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ckptd.core.config import RetentionConfig
-from ckptd.core.model import Checkpoint
+from ckptd.core.model import Checkpoint, FileStat
 from ckptd.core.policy import PolicyInput, plan
-from ckptd.fs.durable import FileStat
 
 NOW = 1_000_000.0
 MB = 1_000_000

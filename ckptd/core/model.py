@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptd.fs.durable import FileStat
+
+@dataclass(frozen=True, slots=True)
+class FileStat:
+    """The identity of a file's content as far as ``stat`` can tell."""
+
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStat:
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns)
+
+    @classmethod
+    def lstat(cls, path: str | os.PathLike[str]) -> FileStat:
+        return cls.of(os.lstat(path))
+
+    def as_list(self) -> list[int]:
+        return [self.inode, self.size, self.mtime_ns]
+
+    @classmethod
+    def from_list(cls, values: list[int]) -> FileStat:
+        inode, size, mtime_ns = values
+        return cls(int(inode), int(size), int(mtime_ns))
 
 
 @dataclass(frozen=True, slots=True)

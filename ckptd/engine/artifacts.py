@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptd.core.model import Best, Checkpoint
-from ckptd.fs.durable import FileStat, atomic_write_bytes
+from ckptd.core.model import Best, Checkpoint, FileStat
+from ckptd.fs.durable import atomic_write_bytes
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1

@@ -18,11 +18,18 @@ from ckptd.core.best import (
     supersede_resumed,
 )
 from ckptd.core.config import ProjectConfig
-from ckptd.core.model import Best, BestDispute, EvalRecord, Problem, TrainerBest, WorkDirScan
+from ckptd.core.model import (
+    Best,
+    BestDispute,
+    EvalRecord,
+    FileStat,
+    Problem,
+    TrainerBest,
+    WorkDirScan,
+)
 from ckptd.core.units import format_duration
 from ckptd.engine.artifacts import ArtifactEntry, is_current, read_manifest
 from ckptd.engine.state import WorkDirState
-from ckptd.fs.durable import FileStat
 from ckptd.layouts.base import Layout, PointerUnreadable, SourceState
 
 # A checkpoint still incomplete after this long is not being written: it is broken. Writers

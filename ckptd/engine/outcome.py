@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptd.core.config import ProjectConfig
-from ckptd.core.model import Best
+from ckptd.core.model import Best, FileStat
 from ckptd.core.policy import Decision, Plan
 from ckptd.engine.artifacts import ArtifactEntry, expand_artifact_dir
 from ckptd.engine.observe import Observation
-from ckptd.fs.durable import FileStat
 
 if TYPE_CHECKING:
     from ckptd.publish.sync import PublishOutcome

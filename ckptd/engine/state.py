@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptd.fs.durable import FileStat, atomic_write_bytes, remove_stale_temp_files
+from ckptd.core.model import FileStat
+from ckptd.fs.durable import atomic_write_bytes, remove_stale_temp_files
 from ckptd.layouts.base import SourceState
 
 STATE_DIR = ".ckptd"

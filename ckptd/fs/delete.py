@@ -17,7 +17,8 @@ import stat as statmod
 import time
 from pathlib import Path
 
-from ckptd.fs.durable import TEMP_PREFIX, FileStat
+from ckptd.core.model import FileStat
+from ckptd.fs.durable import TEMP_PREFIX
 
 TRASH_PREFIX = f"{TEMP_PREFIX}del-"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

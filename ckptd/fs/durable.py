@@ -12,37 +12,11 @@ import errno
 import os
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 # Temp files carry this prefix so a restart can find and remove the ones a crash left behind,
 # without ever touching files that ckptd did not create.
 TEMP_PREFIX = ".ckptd-tmp-"
-
-
-@dataclass(frozen=True, slots=True)
-class FileStat:
-    """The identity of a file's content as far as ``stat`` can tell."""
-
-    inode: int
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> FileStat:
-        return cls(st.st_ino, st.st_size, st.st_mtime_ns)
-
-    @classmethod
-    def lstat(cls, path: str | os.PathLike[str]) -> FileStat:
-        return cls.of(os.lstat(path))
-
-    def as_list(self) -> list[int]:
-        return [self.inode, self.size, self.mtime_ns]
-
-    @classmethod
-    def from_list(cls, values: list[int]) -> FileStat:
-        inode, size, mtime_ns = values
-        return cls(int(inode), int(size), int(mtime_ns))
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

@@ -16,8 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ckptd.core.model import Checkpoint, EvalRecord, Problem, Skipped, TrainerBest, WorkDirScan
-from ckptd.fs.durable import FileStat
+from ckptd.core.model import (
+    Checkpoint,
+    EvalRecord,
+    FileStat,
+    Problem,
+    Skipped,
+    TrainerBest,
+    WorkDirScan,
+)
 from ckptd.layouts.logtail import Cursor, read_new_lines
 
 if TYPE_CHECKING:

@@ -22,8 +22,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ckptd.core.model import Checkpoint, EvalRecord, Problem, Skipped, WorkDirScan
-from ckptd.fs.durable import FileStat
+from ckptd.core.model import Checkpoint, EvalRecord, FileStat, Problem, Skipped, WorkDirScan
 from ckptd.layouts.base import (
     AutoMetric,
     Candidate,

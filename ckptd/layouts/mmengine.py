@@ -15,8 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ckptd.core.model import Checkpoint, EvalRecord, Problem, Skipped
-from ckptd.fs.durable import FileStat
+from ckptd.core.model import Checkpoint, EvalRecord, FileStat, Problem, Skipped
 from ckptd.layouts.base import (
     Candidate,
     EvalRead,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ckptd.fs.durable import FileStat
+from ckptd.core.model import FileStat
 from ckptd.slim.errors import SlimError
 from ckptd.slim.safepickle import Inert, PickleRejected, load_inert, top_level
 from ckptd.slim.torchzip import SourceArchive

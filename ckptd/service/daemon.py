@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptd.core.config import ConfigError, LoadedConfig, load_config
+from ckptd.core.model import FileStat
 from ckptd.core.units import format_size
 from ckptd.engine.reconcile import PassOptions, Target, WorkDirReport, reconcile
 from ckptd.engine.state import WorkDirLock
 from ckptd.engine.targets import discover, discovery_folders
-from ckptd.fs.durable import FileStat
 from ckptd.layouts import LayoutError, choose_layout
 from ckptd.present.report import log_actions, metrics_of
 from ckptd.service.metrics import DaemonMetrics

@@ -8,9 +8,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptd.core.model import FileStat
 from ckptd.engine.outcome import Target, WorkDirReport
 from ckptd.engine.state import WorkDirLock
-from ckptd.fs.durable import FileStat
 
 DEBOUNCE = 0.2  # coalesce the burst of events one checkpoint or log line causes
 BACKOFF_START, BACKOFF_MAX = 5.0, 300.0

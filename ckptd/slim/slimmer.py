@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptd.fs.durable import TEMP_PREFIX, FileStat, atomic_output, fsync_dir
+from ckptd.core.model import FileStat
+from ckptd.fs.durable import TEMP_PREFIX, atomic_output, fsync_dir
 from ckptd.slim.copyhash import CrcMismatch, write_archive
 from ckptd.slim.errors import (
     ArtifactWriteError,
