@@ -185,7 +185,7 @@ class Layout(ABC):
         By default a torch zip checkpoint is slimmed to ``keep_keys``; a key with a trailing
         '?' is optional (skipped silently when the checkpoint does not have it).
         """
-        from ckptd.slim.slimmer import slim_checkpoint
+        from ckptd.slim.slimmer import slim_checkpoint, split_keep_keys
 
         required, optional = split_keep_keys(keep_keys)
         return slim_checkpoint(
@@ -200,13 +200,6 @@ class Layout(ABC):
     def watch_folders(self, work_dir: Path) -> list[Path]:
         """Folders whose direct entries change when the trainer writes (never whole trees)."""
         return [work_dir]
-
-
-def split_keep_keys(keys: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(required, optional) keys; optional ones are written with a trailing '?'."""
-    required = tuple(k for k in keys if not k.endswith("?"))
-    optional = tuple(k[:-1] for k in keys if k.endswith("?") and k[:-1])
-    return required, optional
 
 
 def lstat_or_none(path: Path) -> os.stat_result | None:

@@ -23,14 +23,13 @@ from pathlib import Path
 
 from ckptd.fs.delete import NotPlainTree, remove_own_folder, remove_stale_temp_dirs, tree_stat_fd
 from ckptd.fs.durable import TEMP_PREFIX, fsync_dir, write_all
-from ckptd.layouts.base import split_keep_keys
 from ckptd.slim.errors import (
     ArtifactWriteError,
     CheckpointChangedError,
     MissingKeysError,
     SlimError,
 )
-from ckptd.slim.slimmer import SlimResult
+from ckptd.slim.slimmer import SlimResult, split_keep_keys
 
 SUMS = "SHA256SUMS"
 _CHUNK = 4 << 20

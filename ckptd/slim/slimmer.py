@@ -82,6 +82,13 @@ _MAX_ALIGNMENT = 1 << 20
 Scalar = int | float | str | bool | None
 
 
+def split_keep_keys(keys: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(required, optional) keys; optional ones are written with a trailing '?'."""
+    required = tuple(k for k in keys if not k.endswith("?"))
+    optional = tuple(k[:-1] for k in keys if k.endswith("?") and k[:-1])
+    return required, optional
+
+
 @dataclass(frozen=True, slots=True)
 class SlimResult:
     path: Path
