@@ -32,8 +32,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckptd.core.config import ConfigError, load_config
-from ckptd.engine.outcome import PassOptions, Target
+from ckptd.engine.outcome import PassOptions
 from ckptd.engine.reconcile import reconcile
+from ckptd.engine.targets import Target
 from ckptd.present.report import format_report, report_json
 from tests.faults.figures import env_number, report
 from tests.faults.hostile import hostile_checkpoint, payloads

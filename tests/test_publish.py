@@ -486,7 +486,7 @@ def folder_artifact(run: Path, name: str, files: dict[str, bytes]) -> None:
 
 
 def test_folder_artifacts_are_published_file_by_file(tmp_path: Path, server: MotoServer) -> None:
-    from ckptd.engine.outcome import Target
+    from ckptd.engine.targets import Target
     from ckptd.publish.sync import publish
 
     run = tmp_path / "work_dirs" / "hf"
@@ -541,7 +541,7 @@ def test_file_target(tmp_path: Path) -> None:
 def test_publish_queue_retries_in_the_background(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ckptd.engine.outcome import Target
+    from ckptd.engine.targets import Target
     from ckptd.publish import queue as publishqueue
     from ckptd.service.metrics import DaemonMetrics
 

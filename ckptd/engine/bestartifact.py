@@ -15,8 +15,9 @@ from ckptd.core.units import format_size
 from ckptd.engine import artifacts
 from ckptd.engine.artifacts import ArtifactEntry
 from ckptd.engine.observe import Observation
-from ckptd.engine.outcome import ArtifactOutcome, PassOptions, Target, WorkDirReport
+from ckptd.engine.outcome import ArtifactOutcome, PassOptions, WorkDirReport
 from ckptd.engine.state import WorkDirState, save_state
+from ckptd.engine.targets import Target
 from ckptd.fs.delete import NotPlainTree, remove_own_folder
 from ckptd.fs.durable import remove_stale_temp_files
 from ckptd.layouts.base import Layout

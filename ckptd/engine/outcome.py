@@ -1,36 +1,19 @@
-"""What flows through a reconcile pass: the target, its options, and the report it produces."""
+"""What a reconcile pass produces, and its options: the report, with what was written, deleted
+and (filled by ``ckptd once`` afterwards) published."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-from ckptd.core.config import ProjectConfig
 from ckptd.core.model import Best, FileStat
 from ckptd.core.policy import Decision, Plan
-from ckptd.engine.artifacts import ArtifactEntry, expand_artifact_dir
+from ckptd.engine.artifacts import ArtifactEntry
 from ckptd.engine.observe import Observation
-
-if TYPE_CHECKING:
-    from ckptd.publish.sync import PublishOutcome
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A work_dir and the project that manages it."""
-
-    work_dir: Path
-    project: ProjectConfig
-    base_dir: Path  # the config file's folder: relative paths resolve against it
-
-    @property
-    def artifact_dir(self) -> Path:
-        return expand_artifact_dir(
-            self.project.artifact.dir, self.work_dir, self.project.name, self.base_dir
-        )
+from ckptd.engine.targets import Target
 
 
 @dataclass(slots=True)
@@ -49,6 +32,37 @@ class DeleteOutcome:
     decision: Decision
     done: bool
     detail: str = ""
+
+
+@dataclass(slots=True)
+class PublishOutcome:
+    url: str
+    # published | in sync | nothing to publish | pending | failed | cancelled | skipped
+    status: str
+    manifest_sha256: str = ""  # of the manifest in place at url, as far as ckptd knows
+    files: dict[str, str] = field(default_factory=dict)  # file -> sha256 named by it
+    time: str = ""  # when it was put in place
+    uploads: int = 0  # objects uploaded by this attempt (artifact files and the manifest)
+    uploaded_bytes: int = 0
+    removed: list[str] = field(default_factory=list)  # replaced objects removed
+    error: str = ""
+    detail: str = ""
+    failures: int = 0  # failed attempts since the last success
+    retry_soon: bool = False  # the local artifact changed under the upload
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.error)
+
+    @property
+    def pending(self) -> bool:
+        return self.status in ("pending", "failed", "cancelled")
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["error"] = self.error or None
+        data["detail"] = self.detail or None
+        return data
 
 
 @dataclass(slots=True)

@@ -17,13 +17,7 @@ from ckptd.core.policy import Decision, PolicyInput, plan
 from ckptd.engine import artifacts
 from ckptd.engine.bestartifact import ensure_artifacts
 from ckptd.engine.observe import Observation, observe
-from ckptd.engine.outcome import (
-    ArtifactOutcome,
-    DeleteOutcome,
-    PassOptions,
-    Target,
-    WorkDirReport,
-)
+from ckptd.engine.outcome import ArtifactOutcome, DeleteOutcome, PassOptions, WorkDirReport
 from ckptd.engine.state import (
     LockBusy,
     StateError,
@@ -32,6 +26,7 @@ from ckptd.engine.state import (
     load_state,
     save_state,
 )
+from ckptd.engine.targets import Target
 from ckptd.fs.delete import delete_checkpoint, remove_stale_temp_dirs
 from ckptd.layouts import LayoutError, choose_layout, no_layout_reason
 from ckptd.layouts.base import Layout

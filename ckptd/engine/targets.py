@@ -1,4 +1,5 @@
-"""Which folders are work_dirs: project globs expanded, symlinks and duplicates refused."""
+"""What a pass works on: ``Target`` (a work_dir and its project), and which folders are work_dirs
+(project globs expanded, symlinks and duplicates refused)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,23 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptd.core.config import LoadedConfig
-from ckptd.engine.reconcile import Target
+from ckptd.core.config import LoadedConfig, ProjectConfig
+from ckptd.engine.artifacts import expand_artifact_dir
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A work_dir and the project that manages it."""
+
+    work_dir: Path
+    project: ProjectConfig
+    base_dir: Path  # the config file's folder: relative paths resolve against it
+
+    @property
+    def artifact_dir(self) -> Path:
+        return expand_artifact_dir(
+            self.project.artifact.dir, self.work_dir, self.project.name, self.base_dir
+        )
 
 
 @dataclass(slots=True)

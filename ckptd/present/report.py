@@ -9,7 +9,7 @@ from ckptd.core.units import format_size
 from ckptd.engine.reconcile import WorkDirReport
 
 if TYPE_CHECKING:
-    from ckptd.publish.sync import PublishOutcome
+    from ckptd.engine.outcome import PublishOutcome
 
 
 def _verb(report: WorkDirReport, keep: bool, name: str) -> str:

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckptd.engine.outcome import Target
+from ckptd.engine.outcome import PublishOutcome
 from ckptd.engine.state import WorkDirLock
-from ckptd.publish.sync import PublishOutcome, publish
+from ckptd.engine.targets import Target
+from ckptd.publish.sync import publish
 
 log = logging.getLogger("ckptd.publish")
 

@@ -35,7 +35,7 @@ from ckptd.engine.artifacts import MANIFEST, ArtifactEntry, now_iso
 from ckptd.engine.state import PublishState, save_publish_state
 
 if TYPE_CHECKING:
-    from ckptd.engine.outcome import Target
+    from ckptd.engine.targets import Target
 
 TEMP_PREFIX = ".ckptd-upload-"
 SUMS = "SHA256SUMS"  # a folder artifact's listing (ckptd.slim.folder)

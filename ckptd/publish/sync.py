@@ -12,11 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptd.engine.artifacts import MANIFEST, ArtifactEntry, now_iso
+from ckptd.engine.outcome import PublishOutcome
 from ckptd.engine.state import (
     LockBusy,
     PublishState,
@@ -33,38 +33,8 @@ from ckptd.publish.store import (
 )
 
 if TYPE_CHECKING:
-    from ckptd.engine.outcome import Target, WorkDirReport
-
-
-@dataclass(slots=True)
-class PublishOutcome:
-    url: str
-    # published | in sync | nothing to publish | pending | failed | cancelled | skipped
-    status: str
-    manifest_sha256: str = ""  # of the manifest in place at url, as far as ckptd knows
-    files: dict[str, str] = field(default_factory=dict)  # file -> sha256 named by it
-    time: str = ""  # when it was put in place
-    uploads: int = 0  # objects uploaded by this attempt (artifact files and the manifest)
-    uploaded_bytes: int = 0
-    removed: list[str] = field(default_factory=list)  # replaced objects removed
-    error: str = ""
-    detail: str = ""
-    failures: int = 0  # failed attempts since the last success
-    retry_soon: bool = False  # the local artifact changed under the upload
-
-    @property
-    def failed(self) -> bool:
-        return bool(self.error)
-
-    @property
-    def pending(self) -> bool:
-        return self.status in ("pending", "failed", "cancelled")
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["error"] = self.error or None
-        data["detail"] = self.detail or None
-        return data
+    from ckptd.engine.outcome import WorkDirReport
+    from ckptd.engine.targets import Target
 
 
 def publish_url(target: Target) -> str:

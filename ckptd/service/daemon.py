@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 from ckptd.core.config import ConfigError, LoadedConfig, load_config
 from ckptd.core.model import FileStat
 from ckptd.core.units import format_size
-from ckptd.engine.reconcile import PassOptions, Target, WorkDirReport, reconcile
+from ckptd.engine.reconcile import PassOptions, WorkDirReport, reconcile
 from ckptd.engine.state import WorkDirLock
-from ckptd.engine.targets import discover, discovery_folders
+from ckptd.engine.targets import Target, discover, discovery_folders
 from ckptd.layouts import LayoutError, choose_layout
 from ckptd.present.report import log_actions, metrics_of
 from ckptd.service.metrics import DaemonMetrics
@@ -39,8 +39,8 @@ from ckptd.service.sdnotify import Notifier, watchdog_interval
 from ckptd.service.watch import Change, Watcher, watch_plan
 
 if TYPE_CHECKING:
+    from ckptd.engine.outcome import PublishOutcome
     from ckptd.publish.queue import PublishQueue
-    from ckptd.publish.sync import PublishOutcome
 
 log = logging.getLogger("ckptd.daemon")
 

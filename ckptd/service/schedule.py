@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptd.core.model import FileStat
-from ckptd.engine.outcome import Target, WorkDirReport
+from ckptd.engine.outcome import WorkDirReport
 from ckptd.engine.state import WorkDirLock
+from ckptd.engine.targets import Target
 
 DEBOUNCE = 0.2  # coalesce the burst of events one checkpoint or log line causes
 BACKOFF_START, BACKOFF_MAX = 5.0, 300.0
