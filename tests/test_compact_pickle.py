@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckptd.slim import safepickle
+from ckptd.slim.errors import CorruptCheckpointError, SlimError
 from ckptd.slim.picklewriter import PickleWriter
 from ckptd.slim.safepickle import (
     Blob,
@@ -30,7 +31,7 @@ from ckptd.slim.safepickle import (
     load_inert,
     top_level,
 )
-from ckptd.slim.slimmer import CorruptCheckpointError, SlimError, slim_checkpoint
+from ckptd.slim.slimmer import slim_checkpoint
 
 
 def reader(data: bytes):  # type: ignore[no-untyped-def]

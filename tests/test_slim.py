@@ -28,7 +28,7 @@ from torch.utils.serialization import config as torch_config
 
 import ckptd.slim.slimmer as slim_module
 from ckptd.fs.durable import TEMP_PREFIX
-from ckptd.slim.slimmer import (
+from ckptd.slim.errors import (
     ArtifactWriteError,
     CheckpointChangedError,
     CorruptCheckpointError,
@@ -36,10 +36,8 @@ from ckptd.slim.slimmer import (
     SlimError,
     UnsafeCheckpointError,
     UnsupportedFormatError,
-    inspect_checkpoint,
-    looks_complete,
-    slim_checkpoint,
 )
+from ckptd.slim.slimmer import inspect_checkpoint, looks_complete, slim_checkpoint
 from tests.faults.hostile import payloads as hostile_payloads
 
 DROPPED_MARK = b"DROPPED-STORAGE!"

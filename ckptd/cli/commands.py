@@ -191,7 +191,8 @@ def _slim_destination(args: argparse.Namespace) -> tuple[Path, str]:
 def cmd_slim(args: argparse.Namespace) -> int:
     from ckptd.core.units import format_size
     from ckptd.present.progress import byte_progress
-    from ckptd.slim.slimmer import SlimError, slim_checkpoint
+    from ckptd.slim.errors import SlimError
+    from ckptd.slim.slimmer import slim_checkpoint
 
     keep = tuple(k.strip() for k in args.keep_keys.split(",") if k.strip())
     if not keep:

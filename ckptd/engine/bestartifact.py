@@ -124,7 +124,7 @@ def ensure_artifacts(
     report: WorkDirReport,
 ) -> bool:
     """Slim every best that is not yet an artifact. False when one failed (then: no deletions)."""
-    from ckptd.slim.slimmer import SlimError
+    from ckptd.slim.errors import SlimError
 
     folder = target.artifact_dir
     entries = dict(observation.manifest)

@@ -1,6 +1,7 @@
-"""Errors raised while reading or slimming a checkpoint.
+"""The errors of the slim package, raised while reading or slimming a checkpoint.
 
-They live apart from ``ckptd.slim.slimmer`` so the low-level readers
+Every reader and writer in ckptd/slim raises them, and so does ``ckptd.layouts.peek``; callers
+catch ``SlimError``. They are a module of their own, below the others, so the low-level readers
 (``ckptd.slim.torchzip``) can raise them without an import cycle. ``str(error)`` always starts
 with the checkpoint's path, says what is wrong and, where the user can do something about it,
 what to do.

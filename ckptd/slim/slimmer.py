@@ -52,16 +52,9 @@ from ckptd.slim.torchzip import looks_complete as looks_complete
 
 __all__ = [
     "DEFAULT_KEEP_KEYS",
-    "ArtifactWriteError",
-    "CheckpointChangedError",
     "CheckpointInfo",
-    "CorruptCheckpointError",
     "KeyInfo",
-    "MissingKeysError",
-    "SlimError",
     "SlimResult",
-    "UnsafeCheckpointError",
-    "UnsupportedFormatError",
     "inspect_checkpoint",
     "looks_complete",
     "slim_checkpoint",
