@@ -20,6 +20,7 @@ from ckptd.engine.state import WorkDirState, save_state
 from ckptd.engine.targets import Target
 from ckptd.fs.delete import NotPlainTree, remove_own_folder
 from ckptd.fs.durable import remove_stale_temp_files
+from ckptd.fs.names import plain_name
 from ckptd.layouts.base import Layout
 from ckptd.slim.errors import ArtifactWriteError
 
@@ -226,19 +227,15 @@ def remove_replaced_artifacts(
     even if a crash kept them out of the saved state; anything else in the folder is never
     touched.
     """
-    current = {e.file for e in entries.values() if _plain_name(e.file)}
+    current = {e.file for e in entries.values() if plain_name(e.file)}
     survivors = []
     for name in dict.fromkeys([*state.own_artifacts, *current]):
         if name in current:
             survivors.append(name)
-        elif _plain_name(name):
+        elif plain_name(name):
             with contextlib.suppress(FileNotFoundError, NotPlainTree):
                 if (folder / name).is_dir() and not (folder / name).is_symlink():
                     remove_own_folder(folder, name)  # a folder artifact (Hugging Face)
                 else:
                     os.unlink(folder / name)
     state.own_artifacts = survivors
-
-
-def _plain_name(name: str) -> bool:
-    return bool(name) and "/" not in name and name not in (".", "..") and "\0" not in name

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ckptd.core.model import FileStat
 from ckptd.fs.durable import TEMP_PREFIX
+from ckptd.fs.names import plain_name
 
 TRASH_PREFIX = f"{TEMP_PREFIX}del-"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -89,7 +90,7 @@ def _remove_tree(parent_fd: int, name: str, depth: int = 0) -> None:
 
 def _split(name: str) -> list[str] | None:
     parts = name.split("/")
-    if not name or any(p in ("", ".", "..") or "\0" in p for p in parts):
+    if not all(plain_name(p) for p in parts):
         return None
     return parts
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ckptd.engine.artifacts import MANIFEST, ArtifactEntry, now_iso
 from ckptd.engine.state import PublishState, save_publish_state
+from ckptd.fs.names import plain_name
 
 if TYPE_CHECKING:
     from ckptd.engine.targets import Target
@@ -194,7 +195,7 @@ class StoreAttempt:
             objects = []
             for line in listing.decode().splitlines():
                 digest, _, name = line.partition("  ")
-                if not name or "/" in name or name in (".", "..", SUMS):
+                if not plain_name(name) or name == SUMS:
                     raise PublishError(f"{path / SUMS}: lists {name!r}; not published")
                 objects.append((f"{entry.file}/{name}", digest, (path / name).stat().st_size))
         except (FileNotFoundError, UnicodeDecodeError):
@@ -296,7 +297,7 @@ class StoreAttempt:
 
     def remove_stale(self) -> None:
         for name in list(self.state.stale):
-            if "/" in name or name in ("", ".", "..", MANIFEST):
+            if not plain_name(name) or name == MANIFEST:
                 self.state.stale.remove(name)
                 continue
             self.retry(f"removing the replaced {name}", lambda n=name: self.remove_tree(n))

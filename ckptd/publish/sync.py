@@ -24,6 +24,7 @@ from ckptd.engine.state import (
     load_publish_state,
     save_publish_state,
 )
+from ckptd.fs.names import plain_name
 from ckptd.publish.store import (
     LocalChanged,
     PublishCancelled,
@@ -54,7 +55,7 @@ def _read_local(folder: Path) -> tuple[bytes, dict[str, Any], dict[str, Artifact
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise PublishError(f"{folder / MANIFEST}: unreadable ({exc}); not published") from None
     for entry in entries.values():
-        if "/" in entry.file or entry.file in ("", ".", "..") or entry.file == MANIFEST:
+        if not plain_name(entry.file) or entry.file == MANIFEST:
             raise PublishError(f"{folder / MANIFEST}: names {entry.file!r}; not published")
     return raw, data, entries
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ckptd.fs.delete import NotPlainTree, remove_own_folder, remove_stale_temp_dirs, tree_stat_fd
 from ckptd.fs.durable import TEMP_PREFIX, fsync_dir, write_all
+from ckptd.fs.names import plain_name
 from ckptd.slim.errors import (
     ArtifactWriteError,
     CheckpointChangedError,
@@ -173,7 +174,7 @@ def _publish(
     source: Path,
 ) -> Path:
     name = final_name if isinstance(final_name, str) else final_name(sha256)
-    if not name or "/" in name or name in (".", "..") or name.startswith(TEMP_PREFIX):
+    if not plain_name(name) or name.startswith(TEMP_PREFIX):
         raise ValueError(f"artifact name {name!r} must be a plain folder name")
     for candidate in (name, f"{name}-{sha256[:8]}"):
         target = dest_dir / candidate

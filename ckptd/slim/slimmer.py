@@ -24,6 +24,7 @@ from typing import Any
 
 from ckptd.core.model import FileStat
 from ckptd.fs.durable import TEMP_PREFIX, atomic_output, fsync_dir
+from ckptd.fs.names import plain_name
 from ckptd.slim.copyhash import CrcMismatch, write_archive
 from ckptd.slim.errors import (
     ArtifactWriteError,
@@ -262,13 +263,7 @@ class _StoragePlan:
 
 
 def _check_name(name: str) -> str:
-    if (
-        not isinstance(name, str)
-        or name in ("", ".", "..")
-        or "/" in name
-        or "\0" in name
-        or name.startswith(TEMP_PREFIX)
-    ):
+    if not plain_name(name) or name.startswith(TEMP_PREFIX):
         raise ValueError(f"artifact name {name!r} must be a plain file name")
     return name
 
