@@ -43,10 +43,6 @@ class Checkpoint:
     complete: bool = False  # fully written and not changing: may be read, may be deleted
     incomplete_reason: str = ""
 
-    @property
-    def label(self) -> str:
-        return f"{self.unit} {self.index}"
-
 
 @dataclass(frozen=True, slots=True)
 class Skipped:
@@ -124,9 +120,6 @@ class WorkDirScan:
     resume_target: str | None = None  # checkpoint name the trainer would resume from
     resume_note: str = ""
     problems: list[Problem] = field(default_factory=list)
-
-    def checkpoint_named(self, name: str) -> Checkpoint | None:
-        return next((c for c in self.checkpoints if c.name == name), None)
 
     def checkpoint_at(self, index: int) -> Checkpoint | None:
         return next((c for c in self.checkpoints if c.index == index), None)

@@ -42,7 +42,6 @@ class Observation:
     scan: WorkDirScan
     records: list[EvalRecord]  # after resumed runs superseded repeated epochs
     sources: dict[str, SourceState]
-    choices: list[MetricChoice]
     bests: dict[str, Best]
     manifest: dict[str, ArtifactEntry]
     ready: set[str]  # metric keys whose artifact already holds the best
@@ -257,7 +256,6 @@ def observe(
         scan=scan,
         records=records,
         sources=read.sources,
-        choices=choices,
         bests=bests,
         manifest=manifest,
         ready=ready,

@@ -40,7 +40,6 @@ class PublishQueue:
         self.on_outcome = on_outcome
         self._cond = threading.Condition()
         self._jobs: dict[Path, _Job] = {}
-        self._running: Path | None = None
         self._stop = threading.Event()
         self._confirmed: set[tuple[str, str]] = set()
         self._thread = threading.Thread(target=self._run, name="ckptd-publish", daemon=True)
@@ -81,7 +80,6 @@ class PublishQueue:
                 if due:
                     job = min(due, key=lambda j: j.due)
                     job.due = float("inf")  # until submitted again or retried
-                    self._running = job.target.work_dir
                     return job
                 upcoming = min((j.due for j in self._jobs.values()), default=float("inf"))
                 self._cond.wait(timeout=min(1.0, max(0.0, upcoming - now)))
@@ -89,11 +87,7 @@ class PublishQueue:
 
     def _run(self) -> None:
         while (job := self._next()) is not None:
-            try:
-                outcome = self._publish(job)
-            finally:
-                with self._cond:
-                    self._running = None
+            outcome = self._publish(job)
             if outcome is not None and self.on_outcome is not None:
                 try:
                     self.on_outcome(job.target, outcome)

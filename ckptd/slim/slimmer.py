@@ -44,7 +44,6 @@ from ckptd.slim.safepickle import (
     PickleTooLarge,
     StorageRef,
     compact_pickle,
-    iter_storage_refs,
     load_compacted,
     top_level,
 )
@@ -53,10 +52,7 @@ from ckptd.slim.torchzip import looks_complete as looks_complete
 
 __all__ = [
     "DEFAULT_KEEP_KEYS",
-    "CheckpointInfo",
-    "KeyInfo",
     "SlimResult",
-    "inspect_checkpoint",
     "looks_complete",
     "slim_checkpoint",
 ]
@@ -94,26 +90,6 @@ class SlimResult:
     seconds: float
     # Scalar entries of the kept ``meta`` dict (epoch, iter, ...), for the manifest.
     meta: Mapping[str, Scalar] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class KeyInfo:
-    name: str
-    storages: int
-    storage_bytes: int  # bytes of the distinct storages this key references
-
-
-@dataclass(frozen=True, slots=True)
-class CheckpointInfo:
-    path: Path
-    size: int
-    stat: FileStat
-    keys: tuple[KeyInfo, ...]
-    storage_bytes: int  # all data/<key> records
-
-    @property
-    def key_names(self) -> tuple[str, ...]:
-        return tuple(k.name for k in self.keys)
 
 
 class _Source:
@@ -421,25 +397,3 @@ def slim_checkpoint(
         seconds=time.perf_counter() - started,
         meta=meta,
     )
-
-
-def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
-    """Top-level keys of a checkpoint and the storage bytes each one references."""
-    source = _Source(Path(path))
-    try:
-        archive = source.archive
-        keys = []
-        for key, value in source.mapping.items():
-            sizes: dict[str, int] = {}
-            for ref in iter_storage_refs(value):
-                pid = ref.pid
-                if type(pid) is tuple and len(pid) == 5 and type(pid[2]) is str:
-                    entry = archive.entries.get(f"data/{pid[2]}")
-                    if entry is not None:
-                        sizes[pid[2]] = entry.size
-            keys.append(KeyInfo(str(key), len(sizes), sum(sizes.values())))
-        total = sum(e.size for n, e in archive.entries.items() if n.startswith("data/"))
-        source.check_unchanged()
-        return CheckpointInfo(source.path, source.stat.size, source.stat, tuple(keys), total)
-    finally:
-        source.close()
