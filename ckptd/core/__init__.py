@@ -1,1 +1,1 @@
-"""Pure values and decisions: config models, units, best selection, keep-rules. No I/O."""
+"""Values and decisions without side effects: config models, units, best selection, keep-rules."""
