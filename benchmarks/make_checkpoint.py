@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ckptd.simulate import HistoryBuffer  # pickles like mmengine's HistoryBuffer
+from ckptd.demo.simulate import HistoryBuffer  # pickles like mmengine's HistoryBuffer
 
 COCO_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",

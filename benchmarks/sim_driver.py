@@ -1,7 +1,7 @@
 """Drive simulated MMEngine trainers on a clock (run as a child process; imports torch).
 
 ``python benchmarks/sim_driver.py ROOT --trainers 20 --period 1 --epochs 120``: trainer i writes
-``ROOT/run-i`` with ``ckptd.simulate.SimulatedTrainer``, one epoch (train lines, checkpoint,
+``ROOT/run-i`` with ``ckptd.demo.simulate.SimulatedTrainer``, one epoch (train lines, checkpoint,
 ``last_checkpoint``, val line) every ``period`` seconds; all trainers share this one process
 (one torch import instead of twenty). Prints one JSON line per val record as it lands
 (``{"event": "val", "run": i, "epoch": N, "t": unix time}``) and a summary at the end with how
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ckptd.simulate import SimConfig, SimulatedTrainer
+from ckptd.demo.simulate import SimConfig, SimulatedTrainer
 
 
 def metric_values(pattern: str, epochs: int) -> list[float]:

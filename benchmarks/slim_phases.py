@@ -22,9 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ckptd import slim as slim_module
-from ckptd.copyhash import copy_range, write_at
-from ckptd.torchzip import Copy, layout_archive
+from ckptd.slim import slimmer as slim_module
+from ckptd.slim.copyhash import copy_range, write_at
+from ckptd.slim.torchzip import Copy, layout_archive
 
 BUF = 8 * 1024 * 1024
 

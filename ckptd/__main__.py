@@ -1,3 +1,3 @@
-from ckptd.cli import main
+from ckptd.cli.commands import main
 
 raise SystemExit(main())

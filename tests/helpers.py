@@ -34,7 +34,7 @@ def write_config(root: Path, *, watch: dict[str, Any] | None = None, **project: 
 
 def cli(*args: str) -> tuple[int, str, str]:
     """Run ``ckptd`` in-process; (exit code, stdout, stderr)."""
-    from ckptd.cli import main
+    from ckptd.cli.commands import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -75,7 +75,7 @@ def once_ok(root: Path, **project: Any) -> str:
 
 
 def simulate(work_dir: Path, **config: Any) -> Path:
-    from ckptd.simulate import SimConfig, SimulatedTrainer
+    from ckptd.demo.simulate import SimConfig, SimulatedTrainer
 
     SimulatedTrainer(work_dir, SimConfig(**config)).run()
     return work_dir
@@ -125,7 +125,7 @@ def inventory(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def python_for_uid(
-    uid: int, gid: int, modules: tuple[str, ...] = ("ckptd.cli",)
+    uid: int, gid: int, modules: tuple[str, ...] = ("ckptd.cli.commands",)
 ) -> tuple[str, dict[str, str]]:
     """An interpreter that another uid can run with this venv's packages and this checkout
     (a pyenv Python under /root is out of its reach: then the system's python3.X)."""

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ckptd.best import (
+from ckptd.core.best import (
     GREATER_KEYS,
     LESS_KEYS,
     BestMetricError,
@@ -17,8 +17,8 @@ from ckptd.best import (
     select_best,
     supersede_resumed,
 )
-from ckptd.config import BestConfig
-from ckptd.model import BestDispute, EvalRecord, TrainerBest
+from ckptd.core.config import BestConfig
+from ckptd.core.model import BestDispute, EvalRecord, TrainerBest
 
 
 def records(values: list[float], key: str = "coco/bbox_mAP", start: int = 1) -> list[EvalRecord]:

@@ -1,5 +1,5 @@
-"""Streaming ``data.pkl`` reads (``ckptd.safepickle.compact_pickle``): long payloads stay in the
-file as ``Blob`` nodes, everything else behaves exactly like ``load_inert``."""
+"""Streaming ``data.pkl`` reads (``ckptd.slim.safepickle.compact_pickle``): long payloads stay
+in the file as ``Blob`` nodes, everything else behaves exactly like ``load_inert``."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckptd import safepickle
-from ckptd.picklewriter import PickleWriter
-from ckptd.safepickle import (
+from ckptd.slim import safepickle
+from ckptd.slim.errors import CorruptCheckpointError, SlimError
+from ckptd.slim.picklewriter import PickleWriter
+from ckptd.slim.safepickle import (
     Blob,
     PickleRejected,
     PickleTooLarge,
@@ -30,7 +31,7 @@ from ckptd.safepickle import (
     load_inert,
     top_level,
 )
-from ckptd.slim import CorruptCheckpointError, SlimError, slim_checkpoint
+from ckptd.slim.slimmer import slim_checkpoint
 
 
 def reader(data: bytes):  # type: ignore[no-untyped-def]

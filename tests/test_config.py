@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.config import ConfigError, effective_config_yaml, load_config
-from ckptd.units import format_duration, format_size, parse_duration, parse_size
+from ckptd.core.config import ConfigError, effective_config_yaml, load_config
+from ckptd.core.units import format_duration, format_size, parse_duration, parse_size
 
 REPO = Path(__file__).resolve().parents[1]
 

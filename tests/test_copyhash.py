@@ -1,4 +1,5 @@
-"""``ckptd.copyhash.ReadBackVerifier``: one read-back pass shared by the sha256 and CRC threads."""
+"""``ckptd.slim.copyhash.ReadBackVerifier``: one read-back pass shared by the sha256 and CRC
+threads."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ckptd import copyhash
-from ckptd.copyhash import CrcMismatch, ReadBackVerifier
-from ckptd.torchzip import Copy
+from ckptd.slim import copyhash
+from ckptd.slim.copyhash import CrcMismatch, ReadBackVerifier
+from ckptd.slim.torchzip import Copy
 
 
 def _ranges(size: int, rng: random.Random) -> list[tuple[int, int]]:

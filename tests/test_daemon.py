@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.fsutil import TEMP_PREFIX
+from ckptd.fs.durable import TEMP_PREFIX
 from tests.daemon_proc import DaemonProcess, actions
 from tests.helpers import (
     REPO,
@@ -28,7 +28,7 @@ from tests.helpers import (
 )
 
 HARNESS = REPO / "tests" / "trainers" / "mmengine_real.py"
-SIMULATE = [sys.executable, "-m", "ckptd.simulate"]
+SIMULATE = [sys.executable, "-m", "ckptd.demo.simulate"]
 
 
 def wait_until(condition, timeout: float = 30, what: str = "condition") -> None:  # type: ignore[no-untyped-def]

@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 import yaml
 
-from ckptd.cli import build_parser
-from ckptd.config import LoadedConfig, parse_config
+from ckptd.cli.commands import build_parser
+from ckptd.core.config import LoadedConfig, parse_config
 from tests.helpers import python_for_uid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -576,7 +576,7 @@ CKPTD = str(Path(sys.executable).parent / "ckptd")
 def training_run(root: Path, *, user: tuple[int, int] | None = None) -> Path:
     """A finished simulated MMEngine run (5 epochs) written as the trainers would: umask 002."""
     work_dir = root / "run1"
-    argv = [sys.executable, "-m", "ckptd.simulate", str(work_dir), "--epochs", "5"]
+    argv = [sys.executable, "-m", "ckptd.demo.simulate", str(work_dir), "--epochs", "5"]
     ids = {"user": user[0], "group": user[1], "extra_groups": []} if user else {}
     subprocess.run(argv, check=True, umask=0o002, timeout=120, capture_output=True, **ids)
     old = time.time() - 600  # past the settle time: complete
@@ -662,7 +662,7 @@ def test_ckptd_run_in_the_sandbox_speaks_sd_notify(sandbox: Any, tmp_path: Path)
 
 def test_metrics_server_in_the_sandbox(sandbox: Any, tmp_path: Path) -> None:
     code = (
-        "import sys, time\nfrom ckptd.metrics import DaemonMetrics\n"
+        "import sys, time\nfrom ckptd.service.metrics import DaemonMetrics\n"
         "m = DaemonMetrics()\nm.set_watched(3)\n"
         "s = m.start_server('127.0.0.1:0', lambda: (True, 'ok'))\n"
         "print(s.port, flush=True)\ntime.sleep(60)\n"
@@ -680,7 +680,9 @@ def test_metrics_server_in_the_sandbox(sandbox: Any, tmp_path: Path) -> None:
 
 
 def python_for(uid: int, gid: int) -> tuple[str, dict[str, str]]:
-    return python_for_uid(uid, gid, modules=("ckptd.cli", "ckptd.simulate", "pyseccomp"))
+    return python_for_uid(
+        uid, gid, modules=("ckptd.cli.commands", "ckptd.demo.simulate", "pyseccomp")
+    )
 
 
 def test_group_permission_model(sandbox: Any) -> None:
@@ -704,7 +706,7 @@ def test_group_permission_model(sandbox: Any) -> None:
         for root, umask in ((good, 0o002), (bad, 0o022)):  # bad: the default umask, no setgid
             runs[root] = root / "run1"
             subprocess.run(
-                [python, "-m", "ckptd.simulate", str(runs[root]), "--epochs", "5"],
+                [python, "-m", "ckptd.demo.simulate", str(runs[root]), "--epochs", "5"],
                 check=True, umask=umask, user=trainer[0], group=trainer[1], extra_groups=[],
                 env=env, cwd="/", capture_output=True, timeout=120,
             )  # fmt: skip

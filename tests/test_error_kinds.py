@@ -6,8 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from ckptd.metrics import ERROR_KINDS
-from ckptd.outcome import ErrorKind
+from ckptd.engine.outcome import ErrorKind
+from ckptd.service.metrics import ERROR_KINDS
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ckptd"
 

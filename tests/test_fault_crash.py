@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from ckptd.fsutil import TEMP_PREFIX
+from ckptd.fs.durable import TEMP_PREFIX
 from tests.daemon_proc import DaemonProcess
 from tests.faults import inotify
 from tests.faults.figures import env_number, report
@@ -306,16 +306,16 @@ class Killed(BaseException):
 
 
 def _crash_at(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
-    import ckptd.artifacts
-    import ckptd.reconcile
+    import ckptd.engine.artifacts
+    import ckptd.engine.reconcile
 
     def die(*args: Any, **kwargs: Any) -> None:
         raise Killed(where)
 
     if where == "manifest":  # the artifact is renamed into place, the manifest not yet
-        monkeypatch.setattr(ckptd.artifacts, "write_manifest", die)
+        monkeypatch.setattr(ckptd.engine.artifacts, "write_manifest", die)
     else:  # the artifact and manifest are published, the pass's state is not saved
-        monkeypatch.setattr(ckptd.reconcile, "save_state", die)
+        monkeypatch.setattr(ckptd.engine.reconcile, "save_state", die)
 
 
 @pytest.mark.parametrize("hash_in_name", [False, True], ids=["plain", "hash_in_name"])
@@ -325,9 +325,9 @@ def test_a_crash_after_publishing_leaves_no_orphan_artifact(
 ) -> None:
     """Killed after a new best's artifact is in place, restarted only after a later best:
     the first artifact must still be removed, as an uninterrupted run removes it."""
-    from ckptd.config import load_config
-    from ckptd.reconcile import PassOptions, reconcile
-    from ckptd.targets import discover
+    from ckptd.core.config import load_config
+    from ckptd.engine.reconcile import PassOptions, reconcile
+    from ckptd.engine.targets import discover
     from tests.faults.trainer import replay_now
 
     recording = record()
@@ -366,9 +366,9 @@ def test_an_orphan_artifact_stays_until_a_newer_best_is_published(
     """Killed between the artifact's rename and the manifest; restarted while the new best's
     checkpoint is still being written (deferred): the orphan is the only complete artifact
     there is, so it must stay until the new one is published (invariant 3)."""
-    from ckptd.config import load_config
-    from ckptd.reconcile import PassOptions, reconcile
-    from ckptd.targets import discover
+    from ckptd.core.config import load_config
+    from ckptd.engine.reconcile import PassOptions, reconcile
+    from ckptd.engine.targets import discover
     from tests.faults.trainer import replay_now
 
     recording = record()

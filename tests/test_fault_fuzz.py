@@ -31,10 +31,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckptd.config import ConfigError, load_config
-from ckptd.outcome import PassOptions, Target
-from ckptd.reconcile import reconcile
-from ckptd.report import format_report, report_json
+from ckptd.core.config import ConfigError, load_config
+from ckptd.engine.outcome import PassOptions
+from ckptd.engine.reconcile import reconcile
+from ckptd.engine.targets import Target
+from ckptd.present.report import format_report, report_json
 from tests.faults.figures import env_number, report
 from tests.faults.hostile import hostile_checkpoint, payloads
 from tests.faults.invariants import (

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from ckptd.config import load_config
-from ckptd.reconcile import PassOptions, reconcile
-from ckptd.targets import discover
+from ckptd.core.config import load_config
+from ckptd.engine.reconcile import PassOptions, reconcile
+from ckptd.engine.targets import discover
 from tests.daemon_proc import DaemonProcess
 from tests.faults import inotify
 from tests.faults.figures import report
@@ -251,7 +251,7 @@ def test_swap_between_plan_and_delete(
 ) -> None:
     """The swap happens at the exact moment after ckptd planned its deletions and before it
     deletes (a hook after the artifact step, which runs between the two)."""
-    import ckptd.reconcile
+    import ckptd.engine.reconcile
 
     outside = Outside(tmp_path)
     run = tmp_path / "work_dirs" / "run"
@@ -260,14 +260,14 @@ def test_swap_between_plan_and_delete(
     (target,) = discover(load_config(write_config(tmp_path))).targets
     prepare, swap = RACES[race]
     prepare(run, outside)
-    original = ckptd.reconcile.ensure_artifacts
+    original = ckptd.engine.reconcile.ensure_artifacts
 
     def then_swap(*args: Any, **kwargs: Any) -> bool:
         ok = original(*args, **kwargs)
         swap(run, outside)
         return ok
 
-    monkeypatch.setattr(ckptd.reconcile, "ensure_artifacts", then_swap)
+    monkeypatch.setattr(ckptd.engine.reconcile, "ensure_artifacts", then_swap)
     with outside.untouched():
         result = reconcile(target, PassOptions(settle=0))
     done = {d.decision.checkpoint.name for d in result.deletions if d.done}

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from ckptd.timings import TIMINGS
+from ckptd.core.timings import TIMINGS
 from tests.daemon_proc import DaemonProcess, actions
 from tests.faults.figures import report
 from tests.faults.invariants import Stream, StreamChecker, artifact_problems, temp_files

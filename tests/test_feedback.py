@@ -24,8 +24,8 @@ from tests.helpers import REPO, cli, simulate, write_config
 
 # Runs `ckptd slim` with the bar threshold at argv[1] bytes.
 CHILD = (
-    "import sys, ckptd.progress as p; p.PROGRESS_MIN_BYTES = int(sys.argv[1]);"
-    "from ckptd.cli import main; sys.exit(main(sys.argv[2:]))"
+    "import sys, ckptd.present.progress as p; p.PROGRESS_MIN_BYTES = int(sys.argv[1]);"
+    "from ckptd.cli.commands import main; sys.exit(main(sys.argv[2:]))"
 )
 
 
@@ -90,7 +90,7 @@ def test_slim_shows_a_bar_on_a_terminal(checkpoint: Path, tmp_path: Path) -> Non
 
 
 def test_slim_is_quiet_below_the_threshold_and_when_piped(checkpoint: Path, tmp_path: Path) -> None:
-    from ckptd.progress import PROGRESS_MIN_BYTES
+    from ckptd.present.progress import PROGRESS_MIN_BYTES
 
     assert PROGRESS_MIN_BYTES == 1 << 30  # "files over 1 GB"
     assert checkpoint.stat().st_size < PROGRESS_MIN_BYTES

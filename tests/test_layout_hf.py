@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.fsdelete import TRASH_PREFIX, delete_checkpoint, tree_stat
+from ckptd.fs.delete import TRASH_PREFIX, delete_checkpoint, tree_stat
 from ckptd.layouts import detect_layouts
 from ckptd.layouts.hf import HFLayout
 from tests.helpers import REPO, cli, manifest, once_ok, run_harness, write_config

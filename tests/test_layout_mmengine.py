@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.best import MetricChoice, resolve_metrics, select_best, supersede_resumed
-from ckptd.config import BestConfig
+from ckptd.core.best import MetricChoice, resolve_metrics, select_best, supersede_resumed
+from ckptd.core.config import BestConfig
+from ckptd.core.model import EvalRecord
 from ckptd.layouts import choose_layout, detect_layouts
 from ckptd.layouts.mmengine import MMEngineLayout
-from ckptd.model import EvalRecord
 
 REFERENCE = Path(__file__).parent / "data" / "reference" / "mmengine"
 

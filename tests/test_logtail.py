@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ckptd.logtail import Cursor, read_new_lines
+from ckptd.layouts.logtail import Cursor, read_new_lines
 
 
 def test_partial_last_line_waits_for_its_newline(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_keep_filter_counts_lines_but_stores_few(tmp_path: Path) -> None:
 
 
 def test_crlf_and_chunk_boundaries(tmp_path: Path, monkeypatch) -> None:
-    import ckptd.logtail as logtail
+    import ckptd.layouts.logtail as logtail
 
     monkeypatch.setattr(logtail, "_CHUNK", 7)
     log = tmp_path / "x"

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from ckptd import __version__
-from ckptd.metrics import SLIM_BUCKETS, DaemonMetrics, MetricsServer, parse_address
+from ckptd.service.metrics import SLIM_BUCKETS, DaemonMetrics, MetricsServer, parse_address
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptd.state import WorkDirLock
+from ckptd.engine.state import WorkDirLock
 from tests.helpers import (
     assert_same_state_dict,
     checkpoints,

@@ -8,10 +8,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ckptd.config import load_config
-from ckptd.outcome import PassOptions, Target
-from ckptd.reconcile import reconcile
-from ckptd.simulate import SimConfig, SimulatedTrainer
+from ckptd.core.config import load_config
+from ckptd.demo.simulate import SimConfig, SimulatedTrainer
+from ckptd.engine.outcome import PassOptions
+from ckptd.engine.reconcile import reconcile
+from ckptd.engine.targets import Target
 from tests.helpers import cli, write_config
 
 VALUES = [0.3, 0.5, 0.4, 0.6, 0.55]  # bests at epochs 2 and 4

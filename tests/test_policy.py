@@ -6,11 +6,10 @@ import dataclasses
 
 import pytest
 
-from ckptd.config import RetentionConfig
-from ckptd.explain import describe, describe_all, plan_notes
-from ckptd.fsutil import FileStat
-from ckptd.model import BestDispute, Checkpoint
-from ckptd.policy import Action, PolicyInput, Reason, RuleId, plan
+from ckptd.core.config import RetentionConfig
+from ckptd.core.explain import describe, describe_all, plan_notes
+from ckptd.core.model import BestDispute, Checkpoint, FileStat
+from ckptd.core.policy import Action, PolicyInput, Reason, RuleId, plan
 
 NOW = 1_000_000.0
 MB = 1_000_000
@@ -197,7 +196,7 @@ def test_every_decision_is_explained() -> None:
 
 
 def test_every_rule_id_has_text() -> None:
-    from ckptd.explain import _TEXT
+    from ckptd.core.explain import _TEXT
 
     assert set(_TEXT) == set(RuleId)
 

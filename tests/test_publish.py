@@ -25,11 +25,11 @@ from typing import Any
 
 import pytest
 
-from ckptd import publishstore
-from ckptd.config import ConfigError, load_config
-from ckptd.publishstore import TEMP_PREFIX
-from ckptd.simulate import SimConfig, SimulatedTrainer
-from ckptd.state import WorkDirLock, load_publish_state
+from ckptd.core.config import ConfigError, load_config
+from ckptd.demo.simulate import SimConfig, SimulatedTrainer
+from ckptd.engine.state import WorkDirLock, load_publish_state
+from ckptd.publish import store as publishstore
+from ckptd.publish.store import TEMP_PREFIX
 from tests.daemon_proc import DaemonProcess
 from tests.faults import publishchild
 from tests.helpers import checkpoints, cli, write_config
@@ -258,7 +258,7 @@ def test_once_without_publish_never_imports_fsspec(tmp_path: Path) -> None:
     epochs(trainer(tmp_path, "r"), 2)
     config = write_config(tmp_path)
     code = (
-        "import sys; from ckptd.cli import main; rc = main(['once', '-c', sys.argv[1]]); "
+        "import sys; from ckptd.cli.commands import main; rc = main(['once', '-c', sys.argv[1]]); "
         "assert 'fsspec' not in sys.modules and 's3fs' not in sys.modules; sys.exit(rc)"
     )
     done = subprocess.run(
@@ -453,7 +453,7 @@ def test_reader_never_sees_a_manifest_before_its_files(tmp_path: Path, server: M
 def folder_artifact(run: Path, name: str, files: dict[str, bytes]) -> None:
     """A best artifact that is a folder (Hugging Face layout): its files, a SHA256SUMS listing
     whose sha256 the manifest records, and the manifest naming only this folder."""
-    from ckptd.artifacts import ArtifactEntry, write_manifest
+    from ckptd.engine.artifacts import ArtifactEntry, write_manifest
 
     folder = run / "best" / name
     folder.mkdir(parents=True)
@@ -481,8 +481,8 @@ def folder_artifact(run: Path, name: str, files: dict[str, bytes]) -> None:
 
 
 def test_folder_artifacts_are_published_file_by_file(tmp_path: Path, server: MotoServer) -> None:
-    from ckptd.outcome import Target
-    from ckptd.publish import publish
+    from ckptd.engine.targets import Target
+    from ckptd.publish.sync import publish
 
     run = tmp_path / "work_dirs" / "hf"
     config = load_config(s3_config(tmp_path, server))
@@ -534,10 +534,10 @@ def test_file_target(tmp_path: Path) -> None:
 
 
 def test_publish_queue_retries_in_the_background(tmp_path: Path) -> None:
-    from ckptd import publishqueue
-    from ckptd.metrics import DaemonMetrics
-    from ckptd.outcome import Target
-    from ckptd.timings import Timings
+    from ckptd.core.timings import Timings
+    from ckptd.engine.targets import Target
+    from ckptd.publish import queue as publishqueue
+    from ckptd.service.metrics import DaemonMetrics
 
     blocker = tmp_path / "published"
     blocker.write_text("a file where the folder should be")  # publishing fails until removed

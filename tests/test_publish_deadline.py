@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from ckptd.publishstore import TEMP_PREFIX
-from ckptd.state import load_publish_state
+from ckptd.engine.state import load_publish_state
+from ckptd.publish.store import TEMP_PREFIX
 from tests.daemon_proc import DaemonProcess
 from tests.faults.stores import FreezingProxy, HangingServer
 from tests.helpers import checkpoints, write_config
@@ -195,12 +195,13 @@ def test_the_publisher_thread_of_ckptd_run_is_free_again_after_the_deadline(
 ) -> None:
     from prometheus_client import generate_latest
 
-    from ckptd import publishqueue
-    from ckptd.config import load_config
-    from ckptd.metrics import DaemonMetrics
-    from ckptd.outcome import PassOptions, Target
-    from ckptd.reconcile import reconcile
-    from ckptd.state import WorkDirLock
+    from ckptd.core.config import load_config
+    from ckptd.engine.outcome import PassOptions
+    from ckptd.engine.reconcile import reconcile
+    from ckptd.engine.state import WorkDirLock
+    from ckptd.engine.targets import Target
+    from ckptd.publish import queue as publishqueue
+    from ckptd.service.metrics import DaemonMetrics
 
     port = free_port()
     t = trainer(tmp_path, "queued")
@@ -259,7 +260,7 @@ def test_config_timeout_errors_name_the_key(tmp_path: Path, timeout: Any, expect
 
 
 def test_config_timeout_default_and_units(tmp_path: Path) -> None:
-    from ckptd.config import load_config
+    from ckptd.core.config import load_config
 
     def timeout_of(publish: dict[str, Any]) -> float:
         path = write_config(tmp_path, artifact={"publish": {"url": "s3://m/{run}/", **publish}})
@@ -274,7 +275,7 @@ def test_config_timeout_default_and_units(tmp_path: Path) -> None:
 
 def publishing_processes() -> list[int]:
     """Publishing processes of this ckptd still alive (their command line names its folder)."""
-    from ckptd.publishproc import ROOT
+    from ckptd.publish.process import ROOT
 
     found = []
     for proc in Path("/proc").glob("[0-9]*"):

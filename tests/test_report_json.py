@@ -10,7 +10,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from ckptd.state import WorkDirLock
+from ckptd.engine.state import WorkDirLock
 from tests.helpers import REPO, checkpoints, cli, simulate, write_config
 
 SCHEMA = json.loads((REPO / "docs" / "report.schema.json").read_text())

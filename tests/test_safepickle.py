@@ -1,5 +1,5 @@
-"""The restricted unpickler and opcode scan (``ckptd.safepickle``), the protocol-2 writer
-(``ckptd.picklewriter``) and the allowlist (``ckptd.pickle_allowlist``)."""
+"""The restricted unpickler and opcode scan (``ckptd.slim.safepickle``), the protocol-2 writer
+(``ckptd.slim.picklewriter``) and the allowlist (``ckptd.slim.pickle_allowlist``)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import torch._weights_only_unpickler as wo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptd.pickle_allowlist import ALLOWED_GLOBALS, STORAGE_TYPES
-from ckptd.picklewriter import GlobalRefused, NotRepresentable, PickleWriter
-from ckptd.safepickle import (
+from ckptd.slim.pickle_allowlist import ALLOWED_GLOBALS, STORAGE_TYPES
+from ckptd.slim.picklewriter import GlobalRefused, NotRepresentable, PickleWriter
+from ckptd.slim.safepickle import (
     Inert,
     InertGlobal,
     PickleRejected,

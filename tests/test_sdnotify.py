@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.sdnotify import Notifier, watchdog_interval
+from ckptd.service.sdnotify import Notifier, watchdog_interval
 
 
 def receive(sock: socket.socket) -> str:

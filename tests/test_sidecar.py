@@ -58,7 +58,9 @@ def require_namespaces() -> None:
 @pytest.mark.trainer
 def test_sidecar_in_its_own_mount_namespace_as_another_user() -> None:
     require_namespaces()
-    python, env = python_for_uid(CKPTD_UID, TRAINING_GID, modules=("ckptd.cli", "mmengine"))
+    python, env = python_for_uid(
+        CKPTD_UID, TRAINING_GID, modules=("ckptd.cli.commands", "mmengine")
+    )
     base = Path(tempfile.mkdtemp(prefix="ckptd-sidecar-"))
     try:
         base.chmod(0o755)

@@ -1,4 +1,4 @@
-"""The simulated trainer (ckptd.simulate) against real MMEngine 0.10.7, and its own knobs."""
+"""The simulated trainer (ckptd.demo.simulate) against real MMEngine 0.10.7, and its own knobs."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckptd.simulate import HistoryBuffer, SimConfig, SimulatedTrainer
+from ckptd.demo.simulate import HistoryBuffer, SimConfig, SimulatedTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT / "tests" / "trainers" / "mmengine_real.py"
@@ -33,7 +33,7 @@ SIM_JOBS = """
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 from mmengine_real import record_fs_events
-from ckptd.simulate import main
+from ckptd.demo.simulate import main
 for work_dir, events, args in json.loads(sys.argv[2]):
     os.makedirs(work_dir, exist_ok=True)
     launched = set(os.listdir(work_dir))
@@ -140,7 +140,7 @@ def _globals(path: Path) -> set[str]:
     names = {
         ln.split("GLOBAL", 1)[1].strip() for ln in text.getvalue().splitlines() if "GLOBAL" in ln
     }
-    return {n.replace("mmengine.logging.history_buffer", "ckptd.simulate") for n in names}
+    return {n.replace("mmengine.logging.history_buffer", "ckptd.demo.simulate") for n in names}
 
 
 def _shape(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -265,7 +265,7 @@ def _epoch_tensors(work_dir: Path) -> dict[str, list[bytes]]:
 def test_weights_only_refuses_simulated_checkpoints(tmp_path: Path) -> None:
     SimulatedTrainer(tmp_path, SimConfig(epochs=1, save_best="auto")).run()
     for p in (tmp_path / "epoch_1.pth", tmp_path / "best_coco_bbox_mAP_epoch_1.pth"):
-        with pytest.raises(pickle.UnpicklingError, match=r"ckptd\.simulate\.HistoryBuffer"):
+        with pytest.raises(pickle.UnpicklingError, match=r"ckptd\.demo\.simulate\.HistoryBuffer"):
             torch.load(p, weights_only=True)
         ckpt = torch.load(p, weights_only=False)
         buf = ckpt["message_hub"]["log_scalars"]["train/loss"]
@@ -366,7 +366,7 @@ def test_trainer_side_save_best_rules_and_max_keep(tmp_path: Path) -> None:
 
 
 def test_cli_runs_as_a_separate_process(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "ckptd.simulate", str(tmp_path), "--epochs", "2"]
+    cmd = [sys.executable, "-m", "ckptd.demo.simulate", str(tmp_path), "--epochs", "2"]
     cmd += ["--iter-based", "--max-iters", "6", "--val-interval", "4", "--save-best", "auto"]
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=60)
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == [

@@ -1,4 +1,5 @@
-"""Slimming real torch checkpoints (``ckptd.slim``, ``ckptd.torchzip``, ``ckptd.copyhash``)."""
+"""Slimming real torch checkpoints (``ckptd.slim.slimmer``, ``ckptd.slim.torchzip``,
+``ckptd.slim.copyhash``)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.serialization import config as torch_config
 
-import ckptd.slim as slim_module
-from ckptd.fsutil import TEMP_PREFIX
-from ckptd.slim import (
+import ckptd.slim.slimmer as slim_module
+from ckptd.fs.durable import TEMP_PREFIX
+from ckptd.slim.errors import (
     ArtifactWriteError,
     CheckpointChangedError,
     CorruptCheckpointError,
@@ -35,10 +36,8 @@ from ckptd.slim import (
     SlimError,
     UnsafeCheckpointError,
     UnsupportedFormatError,
-    inspect_checkpoint,
-    looks_complete,
-    slim_checkpoint,
 )
+from ckptd.slim.slimmer import looks_complete, slim_checkpoint
 from tests.faults.hostile import payloads as hostile_payloads
 
 DROPPED_MARK = b"DROPPED-STORAGE!"
@@ -220,7 +219,7 @@ def test_roundtrip_loads_safely_and_bit_identical(ckpt: Path, dest: Path) -> Non
 
 
 def test_only_storages_of_kept_keys_are_copied(ckpt: Path, dest: Path) -> None:
-    slim_checkpoint(ckpt, dest, "best.pth")
+    result = slim_checkpoint(ckpt, dest, "best.pth")
     data = (dest / "best.pth").read_bytes()
     assert DROPPED_MARK not in data
     assert DROPPED_MARK in ckpt.read_bytes()
@@ -232,9 +231,14 @@ def test_only_storages_of_kept_keys_are_copied(ckpt: Path, dest: Path) -> None:
         assert archive.testzip() is None
     assert len(storages) == len(kept)
     assert sum(i.file_size for i in storages) == sum(kept.values())
-    info = inspect_checkpoint(ckpt)
-    assert info.key_names == ("meta", "state_dict", "message_hub", "optimizer", "param_schedulers")
-    assert dict((k.name, k.storage_bytes) for k in info.keys)["state_dict"] == sum(kept.values())
+    # every top-level key of the source is accounted for: kept, or dropped with its storages
+    assert (*result.kept_keys, *result.dropped_keys) == (
+        "meta",
+        "state_dict",
+        "message_hub",
+        "optimizer",
+        "param_schedulers",
+    )
 
 
 def test_layout_matches_torch_save(tmp_path: Path, dest: Path) -> None:
@@ -543,7 +547,7 @@ def test_copy_fallback_gives_identical_output(
             raise OSError(getattr(errno, how), os.strerror(getattr(errno, how)))
 
         monkeypatch.setattr(os, "copy_file_range", refuse)
-    monkeypatch.setattr("ckptd.copyhash.READ_CHUNK", 7)  # many partial reads and writes
+    monkeypatch.setattr("ckptd.slim.copyhash.READ_CHUNK", 7)  # many partial reads and writes
     assert slim_checkpoint(ckpt, dest, "b.pth").sha256 == reference
     assert (dest / "a.pth").read_bytes() == (dest / "b.pth").read_bytes()
 
@@ -614,9 +618,8 @@ def test_looks_complete(src: Path, tmp_path: Path) -> None:
 
 def test_daemon_path_never_imports_torch_or_numpy(ckpt: Path, dest: Path) -> None:
     code = (
-        "import sys; from ckptd.slim import slim_checkpoint, looks_complete, inspect_checkpoint;"
+        "import sys; from ckptd.slim.slimmer import slim_checkpoint, looks_complete;"
         f"slim_checkpoint({str(ckpt)!r}, {str(dest)!r}, 'x.pth'); looks_complete({str(ckpt)!r});"
-        f"inspect_checkpoint({str(ckpt)!r});"
         "bad = [m for m in ('torch', 'numpy', 'mmengine') if m in sys.modules];"
         "assert not bad, bad"
     )
@@ -685,7 +688,7 @@ def test_large_zip64_checkpoint_in_bounded_memory(tmp_path: Path) -> None:
     torch.save({"meta": {"epoch": 1}, "state_dict": state, "optimizer": {"x": torch.ones(3)}}, path)
     del big, state
     code = (
-        "import sys; from ckptd.slim import slim_checkpoint;"
+        "import sys; from ckptd.slim.slimmer import slim_checkpoint;"
         "r = slim_checkpoint(sys.argv[1], sys.argv[2], 'slim.pth'); print(r.seconds);"
         "print(open('/proc/self/status').read())"
     )

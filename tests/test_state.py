@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.state import (
+from ckptd.engine.state import (
     LockBusy,
     StateError,
     WorkDirLock,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.demo import INSTALL_ADVICE
+from ckptd.demo.run import INSTALL_ADVICE
 from tests.daemon_proc import DaemonProcess, actions
 from tests.helpers import CKPTD, REPO, checkpoints, simulate, write_config
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.watch import Change, Watcher, fstype_of, needs_polling, read_mounts
+from ckptd.service.watch import Change, Watcher, fstype_of, needs_polling, read_mounts
 
 MOUNTS = """\
 /dev/vda / ext4 rw,relatime 0 0

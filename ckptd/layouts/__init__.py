@@ -12,7 +12,7 @@ from ckptd.layouts.mmcv import MMCVLayout
 from ckptd.layouts.mmengine import MMEngineLayout
 
 if TYPE_CHECKING:
-    from ckptd.config import ProjectConfig
+    from ckptd.core.config import ProjectConfig
 
 LAYOUTS: dict[str, type[Layout]] = {
     MMEngineLayout.name: MMEngineLayout,

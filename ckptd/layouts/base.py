@@ -16,13 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ckptd.fsutil import FileStat
-from ckptd.logtail import Cursor, read_new_lines
-from ckptd.model import Checkpoint, EvalRecord, Problem, Skipped, TrainerBest, WorkDirScan
+from ckptd.core.model import (
+    Checkpoint,
+    EvalRecord,
+    FileStat,
+    Problem,
+    Skipped,
+    TrainerBest,
+    WorkDirScan,
+)
+from ckptd.layouts.logtail import Cursor, read_new_lines
 
 if TYPE_CHECKING:
-    from ckptd.config import ProjectConfig
-    from ckptd.slim import SlimResult
+    from ckptd.core.config import ProjectConfig
+    from ckptd.slim.slimmer import SlimResult
 
 # Bigger than any resume pointer a trainer writes; a larger file is not one.
 MAX_POINTER_BYTES = 4096
@@ -120,7 +127,7 @@ class Layout(ABC):
         are consistent with its size (a file being written, or truncated and rewritten in
         place, is not).
         """
-        from ckptd.torchzip import looks_complete
+        from ckptd.slim.torchzip import looks_complete
 
         verdict = looks_complete(path)
         if verdict is False:
@@ -161,7 +168,7 @@ class Layout(ABC):
 
     def infer_rule(self, key: str) -> str:
         """greater/less for a metric given without a rule (MMEngine's inference by default)."""
-        from ckptd.best import infer_rule
+        from ckptd.core.best import infer_rule
 
         return infer_rule(key)
 
@@ -178,7 +185,7 @@ class Layout(ABC):
         By default a torch zip checkpoint is slimmed to ``keep_keys``; a key with a trailing
         '?' is optional (skipped silently when the checkpoint does not have it).
         """
-        from ckptd.slim import slim_checkpoint
+        from ckptd.slim.slimmer import slim_checkpoint, split_keep_keys
 
         required, optional = split_keep_keys(keep_keys)
         return slim_checkpoint(
@@ -193,13 +200,6 @@ class Layout(ABC):
     def watch_folders(self, work_dir: Path) -> list[Path]:
         """Folders whose direct entries change when the trainer writes (never whole trees)."""
         return [work_dir]
-
-
-def split_keep_keys(keys: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(required, optional) keys; optional ones are written with a trailing '?'."""
-    required = tuple(k for k in keys if not k.endswith("?"))
-    optional = tuple(k[:-1] for k in keys if k.endswith("?") and k[:-1])
-    return required, optional
 
 
 def lstat_or_none(path: Path) -> os.stat_result | None:

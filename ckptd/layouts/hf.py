@@ -20,14 +20,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ckptd.fsdelete import NotPlainTree, tree_stat
+from ckptd.core.model import Checkpoint, EvalRecord, Problem, Skipped, WorkDirScan
+from ckptd.fs.delete import NotPlainTree, tree_stat
 from ckptd.layouts.base import AutoMetric, Candidate, EvalRead, Layout, SourceState
+from ckptd.layouts.logtail import Cursor
 from ckptd.layouts.peek import object_state, peek
-from ckptd.logtail import Cursor
-from ckptd.model import Checkpoint, EvalRecord, Problem, Skipped, WorkDirScan
 
 if TYPE_CHECKING:
-    from ckptd.slim import SlimResult
+    from ckptd.slim.slimmer import SlimResult
 
 FOLDER = re.compile(r"checkpoint-(\d+)", re.ASCII)
 STATE = "trainer_state.json"
@@ -271,7 +271,7 @@ class HFLayout(Layout):
         progress: Callable[[int, int], None] | None = None,
     ) -> SlimResult:
         """A folder with the model files (keep_keys are names or globs), see folderartifact."""
-        from ckptd.folderartifact import copy_folder_artifact
+        from ckptd.slim.folder import copy_folder_artifact
 
         return copy_folder_artifact(source, dest_dir, final_name, keep_keys, progress)
 

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ckptd.fsutil import FileStat
+from ckptd.core.model import Checkpoint, EvalRecord, FileStat, Problem, Skipped, WorkDirScan
 from ckptd.layouts.base import (
     AutoMetric,
     Candidate,
@@ -32,10 +32,9 @@ from ckptd.layouts.base import (
 )
 from ckptd.layouts.lightning_csv import METRICS_FILE, read_metrics_csv
 from ckptd.layouts.peek import peek, top_mapping
-from ckptd.model import Checkpoint, EvalRecord, Problem, Skipped, WorkDirScan
 
 if TYPE_CHECKING:
-    from ckptd.config import ProjectConfig
+    from ckptd.core.config import ProjectConfig
 
 CKPT_SUFFIX = ".ckpt"
 STEP = re.compile(r"(?:^|[-_])step=(\d+)(?=$|[-_.])", re.ASCII)

@@ -14,9 +14,9 @@ import csv
 import re
 from pathlib import Path
 
+from ckptd.core.model import EvalRecord, Problem
 from ckptd.layouts.base import SourceState
-from ckptd.logtail import read_new_lines
-from ckptd.model import EvalRecord, Problem
+from ckptd.layouts.logtail import read_new_lines
 
 METRICS_FILE = "metrics.csv"
 

@@ -28,6 +28,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ckptd.core.model import EvalRecord, Problem, TrainerBest, WorkDirScan
 from ckptd.layouts.base import (
     EvalRead,
     SourceState,
@@ -37,10 +38,9 @@ from ckptd.layouts.base import (
 )
 from ckptd.layouts.mmengine import MMEngineLayout
 from ckptd.layouts.peek import peek, top_mapping
-from ckptd.model import EvalRecord, Problem, TrainerBest, WorkDirScan
 
 if TYPE_CHECKING:
-    from ckptd.config import ProjectConfig
+    from ckptd.core.config import ProjectConfig
 
 POINTER = "latest.pth"
 LOG_SUFFIX = ".log.json"

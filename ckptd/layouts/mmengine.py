@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ckptd.fsutil import FileStat
+from ckptd.core.model import Checkpoint, EvalRecord, FileStat, Problem, Skipped
 from ckptd.layouts.base import (
     Candidate,
     EvalRead,
@@ -26,7 +26,6 @@ from ckptd.layouts.base import (
     read_pointer_file,
     tail_json_lines,
 )
-from ckptd.model import Checkpoint, EvalRecord, Problem, Skipped
 
 # ASCII digits only: str.format writes no others, and e.g. 'epoch_١.pth' is not a checkpoint
 CHECKPOINT_NAME = re.compile(r"(epoch|iter)_(\d+)\.pth", re.ASCII)

@@ -2,7 +2,7 @@
 
 Lightning's ``ModelCheckpoint`` monitor/mode live in a checkpoint's ``callbacks`` state and the
 Hugging Face Trainer's ``metric_for_best_model`` in ``training_args.bin``; both are pickles. The
-restricted unpickler (``ckptd.safepickle``) turns every object into an inert record, so reading
+restricted unpickler (``ckptd.slim.safepickle``) turns every object into an inert record, so reading
 them never imports or calls anything from the file. Results are cached by (path, stat): a file
 is parsed once, not on every pass.
 """
@@ -15,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ckptd.fsutil import FileStat
-from ckptd.safepickle import Inert, PickleRejected, load_inert, top_level
-from ckptd.slimerrors import SlimError
-from ckptd.torchzip import SourceArchive
+from ckptd.core.model import FileStat
+from ckptd.slim.errors import SlimError
+from ckptd.slim.safepickle import Inert, PickleRejected, load_inert, top_level
+from ckptd.slim.torchzip import SourceArchive
 
 T = TypeVar("T")
 _CACHE: OrderedDict[tuple[str, FileStat, str], Any] = OrderedDict()

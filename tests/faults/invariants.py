@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptd.fsutil import TEMP_PREFIX
+from ckptd.fs.durable import TEMP_PREFIX
 from tests.faults import inotify
 from tests.faults.trainer import CHECKPOINT, Op
 

@@ -1,4 +1,4 @@
-"""ckptd's publishing process (``ckptd.publishproc``) with a fault injected into its attempt.
+"""ckptd's publishing process (``ckptd.publish.process``) with a fault injected into its attempt.
 
 A publish attempt runs in a child process, so a test's monkeypatch in its own process never
 reaches it; ``inject`` makes ckptd start this script instead, which patches ``StoreAttempt``
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 def inject(monkeypatch: pytest.MonkeyPatch, fault: str, *args: str) -> None:
-    from ckptd import publishproc
+    from ckptd.publish import process as publishproc
 
     command = [sys.executable, os.path.abspath(__file__), publishproc.ROOT, fault, *args]
     monkeypatch.setattr(publishproc, "child_command", lambda: command)
@@ -45,8 +45,8 @@ def _wait_gone(pid: int) -> None:
 def main() -> int:
     root, fault, *args = sys.argv[1:]
     sys.path.insert(0, root)
-    from ckptd.publishproc import child_main
-    from ckptd.publishstore import StoreAttempt
+    from ckptd.publish.process import child_main
+    from ckptd.publish.store import StoreAttempt
 
     if fault == "kill-before-manifest":
 

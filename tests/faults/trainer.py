@@ -1,6 +1,6 @@
 """A recorded simulated MMEngine trainer, replayed byte for byte into any work_dir.
 
-``record`` runs ``ckptd.simulate.SimulatedTrainer`` once and keeps every filesystem action it
+``record`` runs ``ckptd.demo.simulate.SimulatedTrainer`` once and keeps every filesystem action it
 made, in order (checkpoint writes, in-place rewrites after a new best, ``last_checkpoint``, the
 JSON lines appended to ``scalars.json``). ``Replayer`` plays them back in a thread at a chosen
 pace. Replays are identical to the byte, so runs with and without faults must end in the same
@@ -87,7 +87,7 @@ def record(
     param_count: int = 50_000,
 ) -> Recording:
     """The actions of a simulated MMEngine run that rewrites each new best in place."""
-    from ckptd.simulate import SimConfig, SimulatedTrainer
+    from ckptd.demo.simulate import SimConfig, SimulatedTrainer
 
     tmp = Path(tempfile.mkdtemp(prefix="ckptd-recording-"))
     try:

@@ -1,0 +1,1 @@
+"""Values and decisions without side effects: config models, units, best selection, keep-rules."""

@@ -1,0 +1,1 @@
+"""``ckptd demo`` and the simulated MMEngine trainer it runs."""

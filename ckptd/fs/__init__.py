@@ -1,0 +1,1 @@
+"""Filesystem primitives: durable atomic writes, deletion through directory fds, plain names."""

@@ -1,0 +1,1 @@
+"""How passes are shown: listings, JSON, action logs, progress bars, logging setup."""

@@ -1,0 +1,1 @@
+"""Mirroring best artifacts to object storage (``artifact.publish``)."""

@@ -1,0 +1,439 @@
+"""Prometheus metrics and the health endpoint of ``ckptd run --metrics-addr``.
+
+Per-work_dir numbers live in one plain table guarded by a lock and are turned into metric
+families at scrape time by a custom collector. That makes ``forget()`` exact (a work_dir that
+is no longer watched loses every series at once, whatever labels it had) and lets the
+"seconds since the last successful reconcile" gauge be computed when Prometheus asks.
+
+Served by a threaded stdlib HTTP server in a daemon thread:
+
+- ``/metrics``  the exposition (text format, or OpenMetrics when the scraper asks for it);
+- ``/healthz``  200 with a short text when ``health()`` returns ``(True, text)``, else 503;
+- anything else 404. Requests are never logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, Info
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from ckptd import __version__
+from ckptd.engine.outcome import ErrorKind
+
+__all__ = [
+    "ERROR_KINDS",
+    "RECONCILE_BUCKETS",
+    "SLIM_BUCKETS",
+    "DaemonMetrics",
+    "MetricsServer",
+    "parse_address",
+]
+
+# A slim of a small model takes ~0.05 s, of a 4 GB checkpoint on a slow disk up to minutes.
+SLIM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+# A pass with nothing to do is a directory scan (ms); one that slims takes as long as the slim.
+RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
+# Kinds pre-set to 0 for every work_dir, so that rate()/increase() see the first error.
+ERROR_KINDS = tuple(str(kind) for kind in ErrorKind)
+
+
+@dataclass(slots=True)
+class _WorkDirStats:
+    project: str
+    first_seen: float
+    last_ok: float | None = None
+    checkpoints_kept: int = 0
+    bytes_held: int = 0
+    reclaimed_bytes: int = 0
+    slims: int = 0
+    deletions: int = 0
+    passes: dict[str, int] = field(default_factory=lambda: {"ok": 0, "error": 0})
+    errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ERROR_KINDS, 0))
+    best: dict[str, float] = field(default_factory=dict)
+    artifact_bytes: dict[str, int] = field(default_factory=dict)
+    # artifact.publish; None until the work_dir's first publish, so others get no series
+    publish_pending: bool | None = None
+    uploads: int = 0
+    uploaded_bytes: int = 0
+    upload_failures: int = 0
+    upload_timeouts: int = 0
+
+
+class _WorkDirCollector(Collector):
+    """Yields the per-work_dir families from the table at scrape time."""
+
+    def __init__(self, owner: DaemonMetrics) -> None:
+        self._owner = owner
+
+    def collect(self) -> Iterator[Metric]:
+        rows = self._owner._snapshot()
+        now = time.time()
+        wdp = ["work_dir", "project"]
+
+        def gauge(name: str, doc: str, labels: list[str] = wdp) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=labels)
+
+        def counter(name: str, doc: str, labels: list[str] = wdp) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, labels=labels)
+
+        kept = gauge("ckptd_checkpoints_kept", "Checkpoints the retention policy keeps.")
+        held = gauge("ckptd_checkpoints_held_bytes", "Bytes of the checkpoints kept on disk.")
+        reclaimed = counter("ckptd_reclaimed_bytes", "Bytes freed by deleting checkpoints.")
+        slims = counter("ckptd_slims", "Slim best-model artifacts written.")
+        deletions = counter("ckptd_deletions", "Checkpoints deleted.")
+        passes = counter("ckptd_reconcile_passes", "Reconcile passes by result.", [*wdp, "result"])
+        errors = counter("ckptd_errors", "Errors by kind.", [*wdp, "kind"])
+        best = gauge("ckptd_best_metric_value", "Best value of a metric.", [*wdp, "metric"])
+        artifact = gauge(
+            "ckptd_artifact_bytes", "Size of the newest slim artifact.", [*wdp, "metric"]
+        )
+        last_ok = gauge(
+            "ckptd_last_successful_reconcile_timestamp_seconds",
+            "Unix time of the last successful reconcile pass.",
+        )
+        age = gauge(
+            "ckptd_last_successful_reconcile_age_seconds",
+            "Seconds since the last successful reconcile pass (since ckptd first saw the "
+            "work_dir, if none has succeeded yet); computed at scrape time.",
+        )
+        for path, s in rows:
+            labels = [path, s.project]
+            kept.add_metric(labels, s.checkpoints_kept)
+            held.add_metric(labels, s.bytes_held)
+            reclaimed.add_metric(labels, s.reclaimed_bytes)
+            slims.add_metric(labels, s.slims)
+            deletions.add_metric(labels, s.deletions)
+            for result, n in sorted(s.passes.items()):
+                passes.add_metric([*labels, result], n)
+            for kind, n in sorted(s.errors.items()):
+                errors.add_metric([*labels, kind], n)
+            for key, value in sorted(s.best.items()):
+                best.add_metric([*labels, key], value)
+            for key, size in sorted(s.artifact_bytes.items()):
+                artifact.add_metric([*labels, key], size)
+            if s.last_ok is not None:
+                last_ok.add_metric(labels, s.last_ok)
+            age.add_metric(labels, max(0.0, now - (s.last_ok or s.first_seen)))
+        yield from (kept, held, reclaimed, slims, deletions, passes, errors, best, artifact)
+        yield from (last_ok, age)
+        yield from _publish_families(rows, wdp)
+
+
+def _publish_families(rows: list[tuple[str, _WorkDirStats]], wdp: list[str]) -> list[Metric]:
+    uploads = CounterMetricFamily(
+        "ckptd_publish_uploads", "Objects uploaded by artifact.publish.", labels=wdp
+    )
+    sent = CounterMetricFamily("ckptd_publish_uploaded_bytes", "Bytes uploaded.", labels=wdp)
+    failures = CounterMetricFamily("ckptd_publish_failures", "Failed publishes.", labels=wdp)
+    timeouts = CounterMetricFamily(
+        "ckptd_publish_timeouts", "Publishes stopped at artifact.publish.timeout.", labels=wdp
+    )
+    pending = GaugeMetricFamily(
+        "ckptd_publish_pending",
+        "1 while the remote manifest is not yet the local one (new best, or failed uploads).",
+        labels=wdp,
+    )
+    for path, s in rows:
+        if s.publish_pending is None:
+            continue
+        labels = [path, s.project]
+        uploads.add_metric(labels, s.uploads)
+        sent.add_metric(labels, s.uploaded_bytes)
+        failures.add_metric(labels, s.upload_failures)
+        timeouts.add_metric(labels, s.upload_timeouts)
+        pending.add_metric(labels, int(s.publish_pending))
+    return [uploads, sent, failures, timeouts, pending]
+
+
+class DaemonMetrics:
+    """Everything ``ckptd run`` exposes. Thread-safe: passes are recorded from worker threads."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        own = registry is None
+        self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
+        self._lock = threading.Lock()
+        self._rows: dict[str, _WorkDirStats] = {}
+        self._watched = Gauge(
+            "ckptd_work_dirs_watched", "Work_dirs ckptd manages now.", registry=self.registry
+        )
+        self._slim_seconds = Histogram(
+            "ckptd_slim_duration_seconds",
+            "Time to write one slim best-model artifact.",
+            buckets=SLIM_BUCKETS,
+            registry=self.registry,
+        )
+        self._pass_seconds = Histogram(
+            "ckptd_reconcile_duration_seconds",
+            "Time of one reconcile pass of one work_dir.",
+            buckets=RECONCILE_BUCKETS,
+            registry=self.registry,
+        )
+        Info("ckptd_build", "ckptd version and Python.", registry=self.registry).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
+        self.registry.register(_WorkDirCollector(self))
+        if own:  # a shared registry (e.g. the global one) may already have these
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+
+    # --- recording -----------------------------------------------------------------------
+
+    def set_watched(self, work_dirs: int) -> None:
+        self._watched.set(work_dirs)
+
+    def record_pass(
+        self,
+        *,
+        work_dir: str,
+        project: str,
+        seconds: float,
+        ok: bool,
+        checkpoints_kept: int,
+        bytes_held: int,
+        reclaimed_bytes: int,
+        slims: list[tuple[str, float, int]],
+        deletions: int,
+        errors: list[str],
+        best: dict[str, float],
+    ) -> None:
+        """One finished pass. Gauges take the values given (the work_dir after the pass);
+        counters add ``reclaimed_bytes``, ``deletions``, one per slim and one per error kind
+        listed (a kind may repeat). ``best`` replaces the previous best values."""
+        self._pass_seconds.observe(max(0.0, seconds))
+        for _key, slim_seconds, _size in slims:
+            self._slim_seconds.observe(max(0.0, slim_seconds))
+        now = time.time()
+        with self._lock:
+            row = self._rows.get(work_dir)
+            if row is None or row.project != project:
+                row = self._rows[work_dir] = _WorkDirStats(project=project, first_seen=now)
+            row.passes["ok" if ok else "error"] += 1
+            if ok:
+                row.last_ok = now
+            row.checkpoints_kept = checkpoints_kept
+            row.bytes_held = bytes_held
+            row.reclaimed_bytes += max(0, reclaimed_bytes)
+            row.deletions += max(0, deletions)
+            row.slims += len(slims)
+            for key, _slim_seconds, size in slims:
+                row.artifact_bytes[key] = size
+            for kind in errors:
+                row.errors[kind] = row.errors.get(kind, 0) + 1
+            row.best = {key: float(value) for key, value in best.items()}
+
+    def record_publish(
+        self,
+        *,
+        work_dir: str,
+        project: str,
+        uploads: int,
+        uploaded_bytes: int,
+        failed: bool,
+        pending: bool,
+        timed_out: bool = False,
+    ) -> None:
+        """One publish attempt of ``artifact.publish``: counters add, ``pending`` replaces."""
+        with self._lock:
+            row = self._rows.get(work_dir)
+            if row is None or row.project != project:
+                row = self._rows[work_dir] = _WorkDirStats(project=project, first_seen=time.time())
+            row.uploads += max(0, uploads)
+            row.uploaded_bytes += max(0, uploaded_bytes)
+            row.upload_failures += int(failed)
+            row.upload_timeouts += int(timed_out)
+            row.publish_pending = pending
+
+    def forget(self, work_dir: str) -> None:
+        """The work_dir is no longer watched: every series labelled with it disappears."""
+        with self._lock:
+            self._rows.pop(work_dir, None)
+
+    def _snapshot(self) -> list[tuple[str, _WorkDirStats]]:
+        with self._lock:
+            return [
+                (
+                    path,
+                    _WorkDirStats(
+                        project=s.project,
+                        first_seen=s.first_seen,
+                        last_ok=s.last_ok,
+                        checkpoints_kept=s.checkpoints_kept,
+                        bytes_held=s.bytes_held,
+                        reclaimed_bytes=s.reclaimed_bytes,
+                        slims=s.slims,
+                        deletions=s.deletions,
+                        passes=dict(s.passes),
+                        errors=dict(s.errors),
+                        best=dict(s.best),
+                        artifact_bytes=dict(s.artifact_bytes),
+                        publish_pending=s.publish_pending,
+                        uploads=s.uploads,
+                        uploaded_bytes=s.uploaded_bytes,
+                        upload_failures=s.upload_failures,
+                        upload_timeouts=s.upload_timeouts,
+                    ),
+                )
+                for path, s in sorted(self._rows.items())
+            ]
+
+    # --- serving -------------------------------------------------------------------------
+
+    def start_server(self, address: str, health: Callable[[], tuple[bool, str]]) -> MetricsServer:
+        """Listen on ``address`` ("127.0.0.1:9464", "[::1]:9464", ":9464" = every interface,
+        IPv4 and IPv6 where possible; port 0 = any free port) and serve in a daemon thread
+        until ``stop()``. ValueError for a malformed address, OSError if it cannot be bound.
+        ``health`` is called per /healthz request, from the server's threads."""
+        return MetricsServer(address, self.registry, health)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` → (host, port); ``[v6]:PORT`` for IPv6; an empty host means every
+    interface. Raises ValueError with the allowed forms."""
+    allowed = "expected HOST:PORT, [IPV6]:PORT or :PORT, e.g. 127.0.0.1:9464"
+    host, sep, port_text = address.strip().rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"metrics address {address!r}: {allowed}")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"metrics address {address!r}: {allowed}")
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"metrics address {address!r}: put an IPv6 host in brackets; {allowed}")
+    return host, int(port_text)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, family: socket.AddressFamily, sockaddr: Any, handler: type) -> None:
+        self.address_family = family
+        super().__init__(sockaddr, handler, bind_and_activate=False)
+        try:
+            if family == socket.AF_INET6 and sockaddr[0] == "::":
+                # ":PORT" means every interface: IPv4 as well, where the kernel allows it.
+                with contextlib.suppress(OSError):
+                    self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            self.server_bind()
+            self.server_activate()
+        except BaseException:
+            self.server_close()
+            raise
+
+
+def _bind(host: str, port: int, handler: type) -> _Server:
+    if not host:
+        if socket.has_ipv6:
+            with contextlib.suppress(OSError):
+                return _Server(socket.AF_INET6, ("::", port), handler)
+        return _Server(socket.AF_INET, ("0.0.0.0", port), handler)
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    error: OSError | None = None
+    for family, _type, _proto, _name, sockaddr in infos:
+        try:
+            return _Server(family, sockaddr, handler)
+        except OSError as exc:
+            error = exc
+    raise error or OSError(f"cannot bind {host}:{port}")
+
+
+class MetricsServer:
+    """The running HTTP listener; ``.port`` is the bound port, ``.stop()`` closes it."""
+
+    def __init__(
+        self,
+        address: str,
+        registry: CollectorRegistry,
+        health: Callable[[], tuple[bool, str]],
+    ) -> None:
+        host, port = parse_address(address)
+        handler = type(
+            "Handler", (_Handler,), {"registry": registry, "health": staticmethod(health)}
+        )
+        self._server = _bind(host, port, handler)
+        bound = self._server.socket.getsockname()
+        self.host: str = str(bound[0])
+        self.port: int = int(bound[1])
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.25},
+            name="ckptd-metrics",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    registry: CollectorRegistry
+    health: Callable[[], tuple[bool, str]]
+    server_version = f"ckptd/{__version__}"
+
+    def do_GET(self) -> None:
+        self._respond(head=False)
+
+    def do_HEAD(self) -> None:
+        self._respond(head=True)
+
+    def _respond(self, *, head: bool) -> None:
+        path = urlsplit(self.path).path
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            try:
+                body = encoder(self.registry)
+            except Exception as exc:  # a collector failed: say so rather than drop the line
+                self._send(500, f"collecting metrics failed: {exc}\n".encode(), head=head)
+                return
+            self._send(200, body, content_type, head=head)
+        elif path == "/healthz":
+            try:
+                ok, text = self.health()
+            except Exception as exc:
+                ok, text = False, f"health check failed: {exc}"
+            self._send(200 if ok else 503, (text.rstrip("\n") + "\n").encode(), head=head)
+        else:
+            self._send(404, b"not found: try /metrics or /healthz\n", head=head)
+
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "text/plain; charset=utf-8",
+        *,
+        head: bool,
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # no line per scrape on stderr

@@ -1,0 +1,1 @@
+"""Reading and slimming torch checkpoints without running pickled code or importing torch."""

@@ -1,0 +1,311 @@
+"""Copy byte ranges in the kernel, and verify what was written in background threads.
+
+The copy uses ``copy_file_range`` (no bytes pass through this process; on filesystems with
+reflinks or server-side copy not even through the page cache), falling back to a bounded
+read/write loop where the kernel refuses. ``ReadBackVerifier`` reads the output back while it is
+being written, for its sha256 and the CRC32 of each copied range: reading the *output* proves
+the bytes that landed on disk are the ones the source's central directory vouches for. hashlib
+and zlib release the GIL on large buffers, so hashing and checking overlap the copy, and the
+writeback of each copied chunk is started right away (``sync_file_range``), so the final fsync
+waits for the last chunk rather than for the whole file.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import functools
+import hashlib
+import os
+import sys
+import threading
+import zlib
+from collections.abc import Callable, Sequence
+
+from ckptd.slim.torchzip import Copy
+
+# Bounds the latency of progress reports and of an abort, and how far the verifier threads lag
+# behind the copy: the sha256 thread is the critical path, so it should start early.
+COPY_CHUNK = 16 * 1024 * 1024
+READ_CHUNK = 1024 * 1024  # read-back buffer: the peak RSS does not grow with the checkpoint
+_BUFFERS = 4  # read-back buffers in flight between the sha256 and the CRC thread
+_FALLBACK_ERRNOS = frozenset(
+    {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM}
+)
+
+
+class CrcMismatch(Exception):
+    def __init__(self, copy: Copy) -> None:
+        self.copy = copy
+        super().__init__(copy.name)
+
+
+def write_at(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _copy_buffered(src_fd: int, dst_fd: int, src: int, dst: int, size: int) -> int:
+    buffer = bytearray(min(size, READ_CHUNK))
+    done = 0
+    while done < size:
+        view = memoryview(buffer)[: min(len(buffer), size - done)]
+        n = os.preadv(src_fd, [view], src + done)
+        if n == 0:
+            break
+        write_at(dst_fd, view[:n], dst + done)
+        done += n
+    return done
+
+
+def copy_range(
+    src_fd: int, src: int, dst_fd: int, dst: int, size: int, on_chunk: Callable[[int], None]
+) -> None:
+    """Copy ``size`` bytes; ``on_chunk(done)`` after each chunk. EOFError if the source ends."""
+    done = 0
+    in_kernel = hasattr(os, "copy_file_range")
+    while done < size:
+        n = min(COPY_CHUNK, size - done)
+        if in_kernel:
+            try:
+                copied = os.copy_file_range(src_fd, dst_fd, n, src + done, dst + done)
+            except OSError as exc:
+                if exc.errno not in _FALLBACK_ERRNOS:
+                    raise
+                in_kernel = False
+                continue
+        else:
+            copied = _copy_buffered(src_fd, dst_fd, src + done, dst + done, n)
+        if copied == 0:
+            raise EOFError(f"source ended {size - done} bytes early")
+        done += copied
+        on_chunk(done)
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>; the os module has no sync_file_range
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (Linux), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes  # only a slim needs it: not at daemon start
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+class _Writeback:
+    """Starts writeback of the output as it is written, so the final fsync has little left.
+
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` only queues the pages for writing; durability
+    still comes from the fsync in ``atomic_output``. Where it is not supported it is skipped.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._done = 0
+        self._call = _sync_file_range()
+
+    def start(self, upto: int) -> None:
+        if self._call is None or upto <= self._done:
+            return
+        if self._call(self._fd, self._done, upto - self._done, _SYNC_FILE_RANGE_WRITE) != 0:
+            self._call = None  # e.g. a filesystem that refuses: the fsync does it all
+        self._done = upto
+
+
+class ReadBackVerifier:
+    """sha256 of a file being written front to back, plus CRC32 checks of given ranges.
+
+    The output is read back once, as it becomes final, into a small ring of buffers: the
+    reading thread hashes each buffer while a second thread checks the CRCs of the copied
+    ranges in the same buffer (hashlib and zlib release the GIL, so the two run on two cores
+    and the bytes are copied out of the page cache only once). Call ``advance(n)`` whenever
+    the first ``n`` bytes are final, ``finish(total)`` for the hex digest (it raises what a
+    thread raised: ``CrcMismatch``, ``OSError``, ``EOFError``), or ``abort()`` on the way out
+    of a failure.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], checks: Sequence[Copy]) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._checks = sorted((c for c in checks if c.size), key=lambda c: c.dest_offset)
+        self._cond = threading.Condition()
+        self._written = 0
+        self._total = -1
+        self._stop = False
+        self.error: BaseException | None = None
+        self._sha = hashlib.sha256()
+        self._buffers = [memoryview(bytearray(READ_CHUNK)) for _ in range(_BUFFERS)]
+        self._free = list(range(_BUFFERS))  # buffers the CRC thread is done with
+        self._filled: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._read_all = False  # the reading thread has handed over its last buffer
+        self._threads = [
+            threading.Thread(target=self._run, args=(loop,), name=f"ckptd-{name}", daemon=True)
+            for name, loop in (("sha256", self._hash_all), ("crc32", self._check_crcs))
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def advance(self, written: int) -> None:
+        with self._cond:
+            self._written = written
+            self._cond.notify_all()
+        if self.error is not None:
+            raise self.error
+
+    def finish(self, total: int) -> str:
+        with self._cond:
+            self._written = self._total = total
+            self._cond.notify_all()
+        self._close()
+        if self.error is not None:
+            raise self.error
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._close()
+
+    def _close(self) -> None:
+        for thread in self._threads:
+            thread.join()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _run(self, loop: Callable[[], None]) -> None:
+        try:
+            loop()
+        except BaseException as exc:  # handed to the writing thread
+            with self._cond:
+                self.error = self.error or exc
+                self._stop = True
+                self._cond.notify_all()
+
+    def _final_up_to(self, pos: int) -> int:
+        """Wait until bytes past ``pos`` are final; return how far, or -1 to stop."""
+        with self._cond:
+            while not self._stop and pos >= self._written and pos != self._total:
+                self._cond.wait()
+            return -1 if self._stop or pos == self._total else self._written
+
+    def _read(self, view: memoryview, pos: int, end: int) -> memoryview:
+        n = os.preadv(self._fd, [view[: min(len(view), end - pos)]], pos)
+        if n == 0:
+            raise EOFError("the output is shorter than what was written")
+        return view[:n]
+
+    def _take_buffer(self) -> int:
+        with self._cond:
+            while not self._stop and not self._free:
+                self._cond.wait()
+            return -1 if self._stop else self._free.pop()
+
+    def _hash_all(self) -> None:
+        pos = 0
+        try:
+            while (limit := self._final_up_to(pos)) >= 0:
+                while pos < limit:
+                    index = self._take_buffer()
+                    if index < 0:
+                        return
+                    chunk = self._read(self._buffers[index], pos, limit)
+                    with self._cond:
+                        self._filled.append((index, pos, len(chunk)))
+                        self._cond.notify_all()
+                    self._sha.update(chunk)  # the CRC thread reads the same buffer meanwhile
+                    pos += len(chunk)
+        finally:
+            with self._cond:
+                self._read_all = True
+                self._cond.notify_all()
+
+    def _next_filled(self) -> tuple[int, int, int] | None:
+        with self._cond:
+            while not self._stop and not self._filled and not self._read_all:
+                self._cond.wait()
+            return None if self._stop or not self._filled else self._filled.popleft()
+
+    def _check_crcs(self) -> None:
+        checks, k, crc = self._checks, 0, 0
+        while (item := self._next_filled()) is not None:
+            index, start, size = item
+            view, end = self._buffers[index], start + size
+            while k < len(checks) and checks[k].dest_offset < end:
+                check = checks[k]
+                lo = max(start, check.dest_offset)
+                hi = min(end, check.dest_offset + check.size)
+                if lo < hi:
+                    crc = zlib.crc32(view[lo - start : hi - start], crc)
+                if hi < check.dest_offset + check.size:
+                    break  # the range goes on in the next buffer
+                if crc != check.crc32:
+                    raise CrcMismatch(check)
+                k, crc = k + 1, 0
+            with self._cond:
+                self._free.append(index)
+                self._cond.notify_all()
+        if k < len(checks) and not self._stop:
+            raise EOFError("the output ended before every copied range was checked")
+
+
+def write_archive(
+    src_fd: int,
+    fd: int,
+    temp: str | os.PathLike[str],
+    pieces: Sequence[bytes | Copy],
+    total: int,
+    progress: Callable[[int, int], None] | None,
+) -> str:
+    """Write ``pieces`` (from ``layout_archive``) to ``fd`` (the file ``temp``), copying spans
+    of ``src_fd``; return the output's sha256 once every copied span's CRC is verified."""
+    verifier = ReadBackVerifier(temp, [p for p in pieces if isinstance(p, Copy)])
+    writeback = _Writeback(fd)
+    if hasattr(os, "posix_fadvise"):  # read-ahead for a cold source (a no-op when cached)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    try:
+        pos = 0
+        pending = bytearray()
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                pending += piece
+                continue
+            write_at(fd, pending, pos)
+            pos += len(pending)
+            pending.clear()
+            verifier.advance(pos)
+
+            def on_chunk(done: int, start: int = pos) -> None:
+                verifier.advance(start + done)
+                writeback.start(start + done)
+                if progress is not None:
+                    progress(start + done, total)
+
+            copy_range(src_fd, piece.source_offset, fd, pos, piece.size, on_chunk)
+            pos += piece.size
+        write_at(fd, pending, pos)
+        pos += len(pending)
+        if pos != total:
+            raise AssertionError(f"wrote {pos} bytes of a {total}-byte layout")
+        writeback.start(total)
+        sha256 = verifier.finish(total)
+    except BaseException:
+        verifier.abort()
+        raise
+    if progress is not None:
+        progress(total, total)
+    return sha256
