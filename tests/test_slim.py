@@ -589,6 +589,17 @@ def test_name_and_destination_errors(ckpt: Path, dest: Path) -> None:
     assert listing(dest) == []
 
 
+def test_a_cancel_token_stops_the_slim_and_leaves_nothing(ckpt: Path, dest: Path) -> None:
+    from ckptd.core.cancel import Cancelled, CancelToken
+
+    stop = CancelToken(lambda: True, "ckptd is stopping")
+    with pytest.raises(Cancelled, match="ckptd is stopping"):
+        slim_checkpoint(ckpt, dest, "best.pth", cancel=stop)
+    assert listing(dest) == []
+    going_on = CancelToken(lambda: False, "never")
+    assert slim_checkpoint(ckpt, dest, "best.pth", cancel=going_on).path == dest / "best.pth"
+
+
 def test_absurd_pickle_is_refused(ckpt: Path, dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(slim_module, "MAX_PICKLE_BYTES", 100)
     with pytest.raises(CorruptCheckpointError, match="refuses"):

@@ -29,6 +29,7 @@ from ckptd.fs.delete import NotPlainTree, remove_own_folder
 from ckptd.fs.durable import remove_stale_temp_files
 from ckptd.fs.names import plain_name
 from ckptd.layouts.base import Layout
+from ckptd.slim.artifact import ArtifactRequest
 from ckptd.slim.errors import ArtifactWriteError
 
 log = logging.getLogger("ckptd.artifact")
@@ -59,7 +60,7 @@ def _final_name(
     return hashed
 
 
-def write_artifact(
+def make_artifact(
     target: Target,
     layout: Layout,
     best: Best,
@@ -82,14 +83,17 @@ def write_artifact(
             }
         },
     )
-    result = layout.write_artifact(
-        target.work_dir / checkpoint.name,
-        target.artifact_dir,
-        _final_name(target, layout.artifact_name(best.key, checkpoint), claim),
-        keep_keys_for(target, layout),
-        options.progress,
+    result = layout.artifact_writer.write(
+        ArtifactRequest(
+            source=target.work_dir / checkpoint.name,
+            dest_dir=target.artifact_dir,
+            name=_final_name(target, layout.artifact_name(best.key, checkpoint), claim),
+            keep=keep_keys_for(target, layout),
+            progress=options.progress,
+            cancel=options.cancel,
+        )
     )
-    meta = getattr(result, "meta", None) or {}
+    meta = result.meta
     entry = ArtifactEntry(
         key=best.key,
         file=result.path.name,
@@ -167,7 +171,7 @@ def ensure_artifacts(
         try:
             folder.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(folder)
-            new, seconds = write_artifact(
+            new, seconds = make_artifact(
                 target, layout, best, checkpoint, options, lambda name: _claim(target, state, name)
             )
             entries[key] = new

@@ -10,6 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from ckptd.core.cancel import CancelToken
 from ckptd.core.model import Best, FileStat
 from ckptd.core.policy import Decision, Plan
 from ckptd.engine.artifacts import ArtifactEntry
@@ -147,6 +148,7 @@ class PassOptions:
     now: Callable[[], float] = time.time
     # inotify's close-after-write: checkpoint name -> stat at close (daemon only)
     closed: Mapping[str, FileStat] = field(default_factory=dict)
-    progress: Callable[[int, int], None] | None = None
+    progress: Callable[[int, int], None] | None = None  # a progress bar, for people
+    cancel: CancelToken | None = None  # the daemon's stop: long copies end cleanly
     # ckptd once / status: no later pass finishes what waits, unless the user runs one
     one_shot: bool = False

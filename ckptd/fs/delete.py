@@ -22,7 +22,8 @@ from ckptd.fs.durable import TEMP_PREFIX
 from ckptd.fs.names import plain_name
 
 TRASH_PREFIX = f"{TEMP_PREFIX}del-"
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Every folder on a deletion path is opened so: never through a symlink, never inherited.
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Checkpoint folders are flat or nearly so; deeper trees are refused rather than recursed.
 MAX_DEPTH = 16
 
@@ -42,7 +43,7 @@ def _tree_walk(dir_fd: int, where: str, depth: int) -> tuple[int, int]:
         if statmod.S_ISREG(st.st_mode):
             total += st.st_size
         elif statmod.S_ISDIR(st.st_mode):
-            fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+            fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
             try:
                 size, mtime = _tree_walk(fd, f"{where}/{name}", depth + 1)
             finally:
@@ -65,7 +66,7 @@ def tree_stat_fd(dir_fd: int, where: str = ".") -> FileStat:
 
 
 def tree_stat(path: Path) -> FileStat:
-    fd = os.open(path, _DIR_FLAGS)
+    fd = os.open(path, DIR_FLAGS)
     try:
         return tree_stat_fd(fd, path.name)
     finally:
@@ -75,7 +76,7 @@ def tree_stat(path: Path) -> FileStat:
 def _remove_tree(parent_fd: int, name: str, depth: int = 0) -> None:
     if depth > MAX_DEPTH:
         raise NotPlainTree(f"{name} is nested more than {MAX_DEPTH} folders deep")
-    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
     try:
         for entry in os.listdir(fd):
             st = os.stat(entry, dir_fd=fd, follow_symlinks=False)
@@ -99,7 +100,7 @@ def _open_parent(root_fd: int, parts: list[str]) -> int:
     fd = os.dup(root_fd)
     try:
         for part in parts:
-            next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            next_fd = os.open(part, DIR_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = next_fd
     except BaseException:
@@ -116,7 +117,7 @@ def delete_checkpoint(work_dir: Path, name: str, planned: FileStat) -> tuple[boo
     parts = _split(name)
     if parts is None:
         return False, "not a plain path inside the work_dir; left alone"
-    root_fd = os.open(work_dir, _DIR_FLAGS)
+    root_fd = os.open(work_dir, DIR_FLAGS)
     try:
         try:
             parent_fd = _open_parent(root_fd, parts[:-1])
@@ -155,7 +156,7 @@ def _delete_in(parent_fd: int, leaf: str, planned: FileStat) -> tuple[bool, str]
 
 
 def _delete_folder(parent_fd: int, leaf: str, planned: FileStat) -> tuple[bool, str]:
-    fd = os.open(leaf, _DIR_FLAGS, dir_fd=parent_fd)
+    fd = os.open(leaf, DIR_FLAGS, dir_fd=parent_fd)
     try:
         try:
             if tree_stat_fd(fd, leaf) != planned:
@@ -196,7 +197,7 @@ def remove_stale_temp_dirs(folder: Path, older_than: float = 0.0) -> list[str]:
     if not entries:
         return removed
     now = time.time()
-    fd = os.open(folder, _DIR_FLAGS)
+    fd = os.open(folder, DIR_FLAGS)
     try:
         for entry in entries:
             with contextlib.suppress(OSError, NotPlainTree):
@@ -212,7 +213,7 @@ def remove_stale_temp_dirs(folder: Path, older_than: float = 0.0) -> list[str]:
 
 def remove_own_folder(folder: Path, name: str) -> None:
     """Remove ``folder/name``, a folder ckptd created, without following any symlink."""
-    fd = os.open(folder, _DIR_FLAGS)
+    fd = os.open(folder, DIR_FLAGS)
     try:
         _remove_tree(fd, name)
     finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -26,10 +26,11 @@ from ckptd.core.model import (
     WorkDirScan,
 )
 from ckptd.layouts.logtail import Cursor, read_new_lines
+from ckptd.slim.artifact import ArtifactWriter
+from ckptd.slim.slimmer import TorchZipSlim
 
 if TYPE_CHECKING:
     from ckptd.core.config import ProjectConfig
-    from ckptd.slim.slimmer import SlimResult
 
 # Bigger than any resume pointer a trainer writes; a larger file is not one.
 MAX_POINTER_BYTES = 4096
@@ -105,6 +106,9 @@ class Layout(ABC):
     default_keep_keys: ClassVar[tuple[str, ...]]
     # What ``detect`` looks for, for the message when no layout matches.
     signature: ClassVar[str] = ""
+    # How the best artifact is written from a checkpoint, and what its name ends with.
+    artifact_writer: ClassVar[ArtifactWriter] = TorchZipSlim()
+    artifact_suffix: ClassVar[str] = ".pth"
 
     @classmethod
     def from_project(cls, project: ProjectConfig | None) -> Layout:
@@ -144,9 +148,12 @@ class Layout(ABC):
     ) -> EvalRead:
         """Evaluation records, reading only what was appended since ``previous``."""
 
-    @abstractmethod
     def artifact_name(self, key: str, checkpoint: Checkpoint) -> str:
-        """The best artifact's file name for metric ``key`` (MMEngine's naming where it has one)."""
+        """The best artifact's name for metric ``key``: MMEngine's ``CheckpointHook`` naming,
+        ``best_{key}_{unit}_{index}`` with '/' replaced by '_', plus ``artifact_suffix``."""
+        return f"best_{key}_{checkpoint.unit}_{checkpoint.index}{self.artifact_suffix}".replace(
+            "/", "_"
+        )
 
     def as_evaluated(self, records: list[EvalRecord]) -> list[EvalRecord]:
         """Undo what the trainer's logger did to metric values (none by default)."""
@@ -171,31 +178,6 @@ class Layout(ABC):
         from ckptd.core.best import infer_rule
 
         return infer_rule(key)
-
-    def write_artifact(
-        self,
-        source: Path,
-        dest_dir: Path,
-        final_name: str | Callable[[str], str],
-        keep_keys: Sequence[str],
-        progress: Callable[[int, int], None] | None = None,
-    ) -> SlimResult:
-        """Write the best artifact of checkpoint ``source`` into ``dest_dir``, atomically.
-
-        By default a torch zip checkpoint is slimmed to ``keep_keys``; a key with a trailing
-        '?' is optional (skipped silently when the checkpoint does not have it).
-        """
-        from ckptd.slim.slimmer import slim_checkpoint, split_keep_keys
-
-        required, optional = split_keep_keys(keep_keys)
-        return slim_checkpoint(
-            source,
-            dest_dir,
-            final_name,
-            keep_keys=(*required, *optional),
-            progress=progress,
-            optional_keys=optional,
-        )
 
     def watch_folders(self, work_dir: Path) -> list[Path]:
         """Folders whose direct entries change when the trainer writes (never whole trees)."""

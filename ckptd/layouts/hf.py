@@ -16,18 +16,16 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-from ckptd.core.model import Checkpoint, EvalRecord, Problem, Skipped, WorkDirScan
+from ckptd.core.model import EvalRecord, Problem, Skipped, WorkDirScan
 from ckptd.fs.delete import NotPlainTree, tree_stat
 from ckptd.layouts.base import AutoMetric, Candidate, EvalRead, Layout, SourceState
 from ckptd.layouts.logtail import Cursor
 from ckptd.layouts.peek import object_state, peek
-
-if TYPE_CHECKING:
-    from ckptd.slim.slimmer import SlimResult
+from ckptd.slim.artifact import ArtifactWriter
+from ckptd.slim.folder import FolderCopy
 
 FOLDER = re.compile(r"checkpoint-(\d+)", re.ASCII)
 STATE = "trainer_state.json"
@@ -126,6 +124,9 @@ class HFLayout(Layout):
         "generation_config.json?",
     )
     signature: ClassVar[str] = "checkpoint-N/ folders"
+    # a folder with the model files (keep_keys are names or globs) and SHA256SUMS
+    artifact_writer: ClassVar[ArtifactWriter] = FolderCopy()
+    artifact_suffix: ClassVar[str] = ""
 
     def __init__(self) -> None:
         self._source: SourceState | None = None  # the trainer_state.json metrics came from
@@ -258,22 +259,6 @@ class HFLayout(Layout):
         if records and "eval_loss" in records[0].metrics:
             return [AutoMetric("eval_loss", "less", "the Trainer's default metric_for_best_model")]
         return []
-
-    def artifact_name(self, key: str, checkpoint: Checkpoint) -> str:
-        return f"best_{key}_{checkpoint.unit}_{checkpoint.index}".replace("/", "_")
-
-    def write_artifact(
-        self,
-        source: Path,
-        dest_dir: Path,
-        final_name: str | Callable[[str], str],
-        keep_keys: Sequence[str],
-        progress: Callable[[int, int], None] | None = None,
-    ) -> SlimResult:
-        """A folder with the model files (keep_keys are names or globs), see folderartifact."""
-        from ckptd.slim.folder import copy_folder_artifact
-
-        return copy_folder_artifact(source, dest_dir, final_name, keep_keys, progress)
 
     def watch_folders(self, work_dir: Path) -> list[Path]:
         # trainer_state.json lands inside the folder, last: watch the folders, not just the root.

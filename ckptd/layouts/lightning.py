@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ckptd.core.model import Checkpoint, EvalRecord, FileStat, Problem, Skipped, WorkDirScan
+from ckptd.core.model import EvalRecord, FileStat, Problem, Skipped, WorkDirScan
 from ckptd.layouts.base import (
     AutoMetric,
     Candidate,
@@ -109,6 +109,7 @@ class LightningLayout(Layout):
     signature: ClassVar[str] = (
         "<logger>/version_N/ with metrics.csv or checkpoints/*.ckpt, or checkpoints/*.ckpt"
     )
+    artifact_suffix: ClassVar[str] = CKPT_SUFFIX
 
     def __init__(self, checkpoint_dirs: tuple[str, ...] = (), metrics: tuple[str, ...] = ()):
         self.checkpoint_dirs = tuple(
@@ -312,9 +313,6 @@ class LightningLayout(Layout):
             shown += state.records + carried
             problems += state.problems
         return EvalRead(shown, states, problems)
-
-    def artifact_name(self, key: str, checkpoint: Checkpoint) -> str:
-        return f"best_{key}_{checkpoint.unit}_{checkpoint.index}{CKPT_SUFFIX}".replace("/", "_")
 
     def watch_folders(self, work_dir: Path) -> list[Path]:
         folders = [work_dir]

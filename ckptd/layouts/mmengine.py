@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ckptd.core.model import Checkpoint, EvalRecord, FileStat, Problem, Skipped
+from ckptd.core.model import EvalRecord, FileStat, Problem, Skipped
 from ckptd.layouts.base import (
     Candidate,
     EvalRead,
@@ -170,7 +170,3 @@ class MMEngineLayout(Layout):
                 metrics[key] = raw
             out.append(EvalRecord(record.index, metrics, record.source, record.line))
         return out
-
-    def artifact_name(self, key: str, checkpoint: Checkpoint) -> str:
-        # CheckpointHook: f'best_{key_indicator}_{ckpt_filename}' with '/' replaced by '_'
-        return f"best_{key}_{checkpoint.unit}_{checkpoint.index}.pth".replace("/", "_")

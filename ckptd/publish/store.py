@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ckptd.engine.artifacts import MANIFEST, ArtifactEntry, now_iso
 from ckptd.engine.state import PublishState, save_publish_state
 from ckptd.fs.names import plain_name
+from ckptd.slim.folder import SUMS
 
 if TYPE_CHECKING:
     from ckptd.engine.targets import Target
 
 TEMP_PREFIX = ".ckptd-upload-"
-SUMS = "SHA256SUMS"  # a folder artifact's listing (ckptd.slim.folder)
 CHUNK = 8 * 2**20
 RETRIES = 3  # per remote operation, on top of the backend's own (botocore retries too)
 RETRY_DELAYS = (0.5, 2.0)

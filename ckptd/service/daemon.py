@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ckptd.core.cancel import Cancelled, CancelToken
 from ckptd.core.config import ConfigError, LoadedConfig, load_config
 from ckptd.core.model import FileStat
 from ckptd.core.timings import TIMINGS, Timings
@@ -38,10 +39,6 @@ if TYPE_CHECKING:
     from ckptd.publish.queue import PublishQueue
 
 log = logging.getLogger("ckptd.daemon")
-
-
-class Cancelled(Exception):
-    """Raised inside a slim when the daemon must stop before it would finish."""
 
 
 @dataclass(slots=True)
@@ -85,6 +82,10 @@ class Daemon:
         self._publisher: PublishQueue | None = None  # started with the first artifact.publish
         watch = loaded.config.watch
         self.watcher = Watcher(watch.mode, watch.poll_interval, self._on_change)
+        self._cancel = CancelToken(
+            self._past_stop_deadline,
+            "ckptd is stopping; the artifact was not written and will be next start",
+        )
 
     # --- signals and events (any thread) -------------------------------------------------
 
@@ -243,18 +244,15 @@ class Daemon:
                 options = PassOptions(
                     settle=self.loaded.config.watch.settle,
                     closed=closed,
-                    progress=self._cancel_check,
+                    cancel=self._cancel,
                 )
                 future = self._pool.submit(self._pass, slot, options)
                 self._futures[slot.target.work_dir] = future
                 future.add_done_callback(lambda f, s=slot: self._finished(s, f))
 
-    def _cancel_check(self, done: int, total: int) -> None:
+    def _past_stop_deadline(self) -> bool:
         deadline = self._stop_deadline
-        if deadline is not None and time.monotonic() > deadline:
-            raise Cancelled(
-                "ckptd is stopping; the artifact was not written and will be next start"
-            )
+        return deadline is not None and time.monotonic() > deadline
 
     def _pass(self, slot: WorkDirSlot, options: PassOptions) -> WorkDirReport:
         return reconcile(slot.target, options, lock=slot.lock)

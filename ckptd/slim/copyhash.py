@@ -23,6 +23,7 @@ import threading
 import zlib
 from collections.abc import Callable, Sequence
 
+from ckptd.core.cancel import CancelToken, check
 from ckptd.slim.torchzip import Copy
 
 # Bounds the latency of progress reports and of an abort, and how far the verifier threads lag
@@ -269,6 +270,7 @@ def write_archive(
     pieces: Sequence[bytes | Copy],
     total: int,
     progress: Callable[[int, int], None] | None,
+    cancel: CancelToken | None = None,
 ) -> str:
     """Write ``pieces`` (from ``layout_archive``) to ``fd`` (the file ``temp``), copying spans
     of ``src_fd``; return the output's sha256 once every copied span's CRC is verified."""
@@ -292,6 +294,7 @@ def write_archive(
             def on_chunk(done: int, start: int = pos) -> None:
                 verifier.advance(start + done)
                 writeback.start(start + done)
+                check(cancel)
                 if progress is not None:
                     progress(start + done, total)
 

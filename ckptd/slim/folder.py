@@ -20,21 +20,28 @@ import stat as statmod
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import ClassVar
 
-from ckptd.fs.delete import NotPlainTree, remove_own_folder, remove_stale_temp_dirs, tree_stat_fd
+from ckptd.core.cancel import CancelToken, check
+from ckptd.fs.delete import (
+    DIR_FLAGS,
+    NotPlainTree,
+    remove_own_folder,
+    remove_stale_temp_dirs,
+    tree_stat_fd,
+)
 from ckptd.fs.durable import TEMP_PREFIX, fsync_dir, write_all
 from ckptd.fs.names import plain_name
+from ckptd.slim.artifact import ArtifactRequest, WrittenArtifact, split_keep_keys
 from ckptd.slim.errors import (
     ArtifactWriteError,
     CheckpointChangedError,
     MissingKeysError,
     SlimError,
 )
-from ckptd.slim.slimmer import SlimResult, split_keep_keys
 
 SUMS = "SHA256SUMS"
 _CHUNK = 4 << 20
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # A staging folder untouched this long belongs to no running copy (each file copied touches it).
 STALE_STAGING_SECONDS = 3600.0
 
@@ -64,7 +71,9 @@ def _select(names: list[str], keep: Sequence[str], source: Path) -> list[str]:
     return list(chosen)
 
 
-def _copy(src_fd: int, name: str, dest: Path, progress: Callable[[int], None]) -> str:
+def _copy(
+    src_fd: int, name: str, dest: Path, progress: Callable[[int], None], cancel: CancelToken | None
+) -> str:
     in_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_fd)
     try:
         if not statmod.S_ISREG(os.fstat(in_fd).st_mode):
@@ -76,6 +85,7 @@ def _copy(src_fd: int, name: str, dest: Path, progress: Callable[[int], None]) -
             while chunk := os.read(in_fd, _CHUNK):
                 digest.update(chunk)
                 write_all(out_fd, chunk)
+                check(cancel)
                 progress(len(chunk))
             os.fsync(out_fd)
         finally:
@@ -98,12 +108,13 @@ def copy_folder_artifact(
     final_name: str | Callable[[str], str],
     keep: Sequence[str],
     progress: Callable[[int, int], None] | None = None,
-) -> SlimResult:
+    cancel: CancelToken | None = None,
+) -> WrittenArtifact:
     """Copy the ``keep`` files (names or globs; '?' suffix: optional) of ``source`` into the
     folder ``dest_dir/final_name``. Raises a ``SlimError`` naming the folder."""
     started = time.perf_counter()
     try:
-        src_fd = os.open(source, _DIR_FLAGS)
+        src_fd = os.open(source, DIR_FLAGS)
     except FileNotFoundError as exc:
         raise CheckpointChangedError(source, "disappeared before it could be read.") from exc
     except OSError as exc:
@@ -129,7 +140,7 @@ def copy_folder_artifact(
         try:
             os.mkdir(staging, 0o755)
             os.chmod(staging, 0o755)
-            sums = [(_copy(src_fd, name, staging, advance), name) for name in files]
+            sums = [(_copy(src_fd, name, staging, advance, cancel), name) for name in files]
             listing = "".join(f"{digest}  {name}\n" for digest, name in sums)
             fd = os.open(staging / SUMS, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -146,7 +157,7 @@ def copy_folder_artifact(
                 source, "changed while being copied; it will be copied again once it is stable."
             )
         sha256 = hashlib.sha256(listing.encode()).hexdigest()
-        target = _publish(staging, dest_dir, final_name, sha256, listing, source)
+        target = _rename_into_place(staging, dest_dir, final_name, sha256, listing, source)
     except BaseException:
         with contextlib.suppress(OSError, NotPlainTree):
             if staging.is_dir():
@@ -154,7 +165,7 @@ def copy_folder_artifact(
         raise
     finally:
         os.close(src_fd)
-    return SlimResult(
+    return WrittenArtifact(
         path=target,
         sha256=sha256,
         size=total + len(listing.encode()),
@@ -165,7 +176,7 @@ def copy_folder_artifact(
     )
 
 
-def _publish(
+def _rename_into_place(
     staging: Path,
     dest_dir: Path,
     final_name: str | Callable[[str], str],
@@ -192,3 +203,19 @@ def _publish(
     raise ArtifactWriteError(
         source, dest_dir / name, FileExistsError(17, "the name and its hashed variant are taken")
     )
+
+
+class FolderCopy:
+    """A checkpoint folder (Hugging Face ``checkpoint-N/``) copied down to its model files."""
+
+    kind: ClassVar[str] = "folder copy"
+
+    def write(self, request: ArtifactRequest) -> WrittenArtifact:
+        return copy_folder_artifact(
+            request.source,
+            request.dest_dir,
+            request.name,
+            request.keep,
+            request.progress,
+            request.cancel,
+        )

@@ -17,14 +17,20 @@ import os
 import secrets
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from ckptd.core.cancel import CancelToken
 from ckptd.core.model import FileStat
 from ckptd.fs.durable import TEMP_PREFIX, atomic_output, fsync_dir
 from ckptd.fs.names import plain_name
+from ckptd.slim.artifact import (
+    ArtifactRequest,
+    Scalar,
+    WrittenArtifact,
+    split_keep_keys,
+)
 from ckptd.slim.copyhash import CrcMismatch, write_archive
 from ckptd.slim.errors import (
     ArtifactWriteError,
@@ -52,7 +58,8 @@ from ckptd.slim.torchzip import looks_complete as looks_complete
 
 __all__ = [
     "DEFAULT_KEEP_KEYS",
-    "SlimResult",
+    "TorchZipSlim",
+    "WrittenArtifact",
     "looks_complete",
     "slim_checkpoint",
 ]
@@ -68,28 +75,6 @@ DEFAULT_KEEP_KEYS = ("meta", "state_dict")
 MAX_PICKLE_BYTES = 64 * 1024 * 1024
 _MAX_SMALL_RECORD = 64
 _MAX_ALIGNMENT = 1 << 20
-
-Scalar = int | float | str | bool | None
-
-
-def split_keep_keys(keys: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(required, optional) keys; optional ones are written with a trailing '?'."""
-    required = tuple(k for k in keys if not k.endswith("?"))
-    optional = tuple(k[:-1] for k in keys if k.endswith("?") and k[:-1])
-    return required, optional
-
-
-@dataclass(frozen=True, slots=True)
-class SlimResult:
-    path: Path
-    sha256: str
-    size: int
-    kept_keys: tuple[str, ...]
-    dropped_keys: tuple[str, ...]
-    source_stat: FileStat
-    seconds: float
-    # Scalar entries of the kept ``meta`` dict (epoch, iter, ...), for the manifest.
-    meta: Mapping[str, Scalar] = field(default_factory=dict)
 
 
 class _Source:
@@ -323,11 +308,12 @@ def slim_checkpoint(
     progress: Callable[[int, int], None] | None = None,
     *,
     optional_keys: Sequence[str] = (),
-) -> SlimResult:
+    cancel: CancelToken | None = None,
+) -> WrittenArtifact:
     """Write ``dest_dir/final_name`` holding only ``keep_keys`` of the checkpoint ``src``.
 
     ``final_name`` may be a callable that receives the output's sha256 (hex) and returns the
-    name. ``progress(done, total)`` gets output bytes; an exception raised by it aborts the slim.
+    name. ``progress(done, total)`` gets output bytes; a set ``cancel`` token aborts the slim.
     Keys of ``keep_keys`` also in ``optional_keys`` are kept when present, skipped when not.
     Raises a ``SlimError`` subclass naming the file; on any error no output or temp file stays.
     """
@@ -359,7 +345,7 @@ def slim_checkpoint(
         try:
             with atomic_output(target) as (fd, temp):
                 try:
-                    sha256 = write_archive(source.fd, fd, temp, pieces, total, progress)
+                    sha256 = write_archive(source.fd, fd, temp, pieces, total, progress, cancel)
                 except CrcMismatch as exc:
                     source.check_unchanged()
                     raise CorruptCheckpointError(
@@ -387,7 +373,7 @@ def slim_checkpoint(
             raise ArtifactWriteError(src, target, exc) from exc
     finally:
         source.close()
-    return SlimResult(
+    return WrittenArtifact(
         path=target,
         sha256=sha256,
         size=total,
@@ -397,3 +383,21 @@ def slim_checkpoint(
         seconds=time.perf_counter() - started,
         meta=meta,
     )
+
+
+class TorchZipSlim:
+    """A torch zip checkpoint slimmed to the kept keys (MMEngine, mmcv, Lightning)."""
+
+    kind: ClassVar[str] = "torch zip slim"
+
+    def write(self, request: ArtifactRequest) -> WrittenArtifact:
+        required, optional = split_keep_keys(request.keep)
+        return slim_checkpoint(
+            request.source,
+            request.dest_dir,
+            request.name,
+            keep_keys=(*required, *optional),
+            progress=request.progress,
+            optional_keys=optional,
+            cancel=request.cancel,
+        )
