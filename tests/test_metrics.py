@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from ckptd import __version__
-from ckptd.service.metrics import SLIM_BUCKETS, DaemonMetrics, MetricsServer, parse_address
+from ckptd.service.http import MetricsServer, parse_address
+from ckptd.service.metrics import SLIM_BUCKETS, DaemonMetrics
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -3,6 +3,7 @@ makes necessary (the moment comes from the plan; debounce and backoff are ``Timi
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -10,9 +11,12 @@ from pathlib import Path
 
 from ckptd.core.model import FileStat
 from ckptd.core.timings import TIMINGS, Timings
-from ckptd.engine.outcome import WorkDirReport
+from ckptd.engine.outcome import SkipReason, WorkDirReport
 from ckptd.engine.state import WorkDirLock
 from ckptd.engine.targets import Target
+from ckptd.present.report import log_actions
+
+log = logging.getLogger("ckptd.daemon")
 
 
 @dataclass(slots=True)
@@ -51,3 +55,31 @@ def recheck_time(report: WorkDirReport, now: float, timings: Timings = TIMINGS) 
     if changes_at is None:
         return None
     return now + max(changes_at - time.time(), 0.0) + timings.recheck_slack
+
+
+def next_due(
+    slot: WorkDirSlot, report: WorkDirReport | None, now: float, timings: Timings
+) -> float | None:
+    """After a pass (``report`` None: it raised or was cancelled): log what it did, update
+    the slot, and say when the work_dir is due again by time alone (None: only on events)."""
+    if report is None or report.failed:
+        if report is not None:
+            log_actions(report, log, slot.last_report)
+            slot.last_report = report
+        slot.failures += 1
+        return now + timings.backoff(slot.failures)
+    slot.failures = 0
+    if report.skip is SkipReason.LOCKED:
+        if report.skipped != slot.busy_holder:
+            log.warning(report.skipped, extra=_f(slot.target.work_dir, action="skip"))
+            slot.busy_holder = report.skipped
+        return now + timings.busy_retry
+    slot.busy_holder = ""
+    log_actions(report, log, slot.last_report)
+    slot.last_ok = time.time()
+    slot.last_report = report
+    return recheck_time(report, now, timings)
+
+
+def _f(work_dir: Path, **fields: object) -> dict[str, dict[str, object]]:
+    return {"fields": {"work_dir": str(work_dir), **fields}}
