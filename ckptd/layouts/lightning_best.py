@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import posixpath
-import struct
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -35,11 +34,15 @@ from ckptd.model import Checkpoint, EvalRecord, TrainerBest, WorkDirScan
 MAX_FILES_READ = 4
 
 
-def _float32(value: float) -> float:
-    """Lightning compares float32 tensors; CSVLogger writes the same float32, widened."""
-    if not math.isfinite(value):
-        return value
-    return float(struct.unpack("<f", struct.pack("<f", value))[0])
+# Lightning compares float32 tensors (or float64 ones a module logs); CSVLogger writes the
+# value widened to a Python float. Differences below float32's resolution are not a contest.
+FLOAT32_EPS = 2.0**-23
+
+
+def _beats(value: float, score: float, mode: str) -> bool:
+    if not math.isfinite(value) or abs(value - score) <= 2 * FLOAT32_EPS * max(1.0, abs(score)):
+        return False
+    return value > score if mode == "max" else value < score
 
 
 def _step_of(name: str, work_dir: Path, scan: WorkDirScan) -> int | None:
@@ -72,8 +75,7 @@ def _contradicted(
         value = record.metrics.get(key)
         if record.index > as_of or value is None or scan.checkpoint_at(record.index) is None:
             continue
-        value = _float32(value)
-        if math.isfinite(value) and (value > score if callback.mode == "max" else value < score):
+        if _beats(value, score, callback.mode):
             return True
     return False
 

@@ -20,7 +20,8 @@ Run it as a separate process (the tests do)::
 The differential test also sets the callback's ``every_n_epochs``/``every_n_train_steps``,
 ``save_top_k``, ``filename`` and ``auto_insert_metric_name``, the trainer's
 ``check_val_every_n_epoch``, and the monitored values per epoch (``--values``, JSON; null is
-NaN), so that ties, plateaus and NaN happen where it wants them.
+NaN), so that ties, plateaus and NaN happen where it wants them. ``--batch FILE`` runs
+several fits (a JSON list of argument lists) in one process.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def _score(score: object) -> float | None:
     return None if score is None else float(score)  # type: ignore[arg-type]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", help="default_root_dir: the work_dir ckptd manages")
     parser.add_argument("--epochs", type=int, default=6)
@@ -150,11 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filename", default=None, help="ModelCheckpoint(filename=...)")
     parser.add_argument("--no-metric-name", action="store_true", help="auto_insert_metric_name off")
     parser.add_argument("--values", type=json.loads, default=None, help="monitored value per epoch")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    import torch
 
-    torch.set_num_threads(1)
+def fit(args: argparse.Namespace) -> None:
     started = time.monotonic()
     trainer, module, train, val, managed, top1 = build(args)
     trainer.fit(module, train, val, ckpt_path=args.resume)
@@ -169,6 +169,20 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.monotonic() - started,
     }
     Path(args.result).write_text(json.dumps(result, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One fit, or with ``--batch FILE`` (a JSON list of argument lists) several in a row in
+    this process, which saves importing torch and Lightning once per fit."""
+    argv = sys.argv[1:] if argv is None else argv
+    import torch
+
+    torch.set_num_threads(1)
+    if argv[:1] == ["--batch"]:
+        for run in json.loads(Path(argv[1]).read_text()):
+            fit(parse(run))
+    else:
+        fit(parse(argv))
     return 0
 
 
