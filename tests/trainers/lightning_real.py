@@ -118,7 +118,9 @@ def build(args: argparse.Namespace):  # -> (trainer, module, data, callbacks)
         accelerator="cpu",
         devices=1,
         logger=CSVLogger(args.root),
-        callbacks=[managed, top1],
+        # The twin runs first: the state it stores in the managed files then includes the
+        # evaluation those files were saved after, so a resumed fit restores it complete.
+        callbacks=[top1, managed],
         log_every_n_steps=5,
         enable_progress_bar=False,
         enable_model_summary=False,
