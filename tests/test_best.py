@@ -11,13 +11,14 @@ from ckptd.best import (
     LESS_KEYS,
     BestMetricError,
     MetricChoice,
+    agree_with_trainer,
     infer_rule,
     resolve_metrics,
     select_best,
     supersede_resumed,
 )
 from ckptd.config import BestConfig
-from ckptd.model import EvalRecord
+from ckptd.model import EvalRecord, TrainerBest
 
 
 def records(values: list[float], key: str = "coco/bbox_mAP", start: int = 1) -> list[EvalRecord]:
@@ -128,3 +129,12 @@ def test_resume_from_earlier_epoch_supersedes_later_records() -> None:
 def test_duplicated_step_latest_wins() -> None:
     merged = supersede_resumed(records([0.1, 0.2]) + records([0.05], start=2))
     assert [(r.index, r.metrics["coco/bbox_mAP"]) for r in merged] == [(1, 0.1), (2, 0.05)]
+
+
+@pytest.mark.parametrize("score", [math.inf, -math.inf, math.nan, None])
+def test_a_trainer_record_of_a_non_finite_best_is_not_followed(score: float | None) -> None:
+    # Lightning stores a NaN score as -inf (mode max) when it is all it has ranked
+    values = records([math.nan, math.nan])
+    trainer = TrainerBest("coco/bbox_mAP", 2, score, as_of=2, source="x.ckpt")
+    choice = MetricChoice("coco/bbox_mAP", "greater")
+    assert agree_with_trainer(values, choice, {1, 2}, trainer) == (None, None)
