@@ -220,6 +220,7 @@ def observe(
     names = {c.name for c in scan.checkpoints}
     try:
         scan.resume_target, scan.resume_note = layout.resume_target(work_dir, names)
+        scan.older_pointers = layout.older_pointers(work_dir, names)
     except PointerUnreadable as exc:
         scan.problems.append(Problem(str(work_dir), str(exc)))
     unit = _unit_of(scan)

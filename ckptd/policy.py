@@ -29,6 +29,8 @@ class PolicyInput:
     now: float  # wall-clock seconds, compared with checkpoint mtimes
     # The trainer's own best and the logs' best differ: both are kept until they agree.
     disputes: tuple[BestDispute, ...] = ()
+    # Checkpoints that older resume pointers name -> the pointer (Layout.older_pointers).
+    older_pointers: Mapping[str, str] = field(default_factory=dict)
 
 
 class KeepRule(Protocol):
@@ -75,7 +77,14 @@ class ResumePointer:
     def keeps(self, given: PolicyInput) -> dict[str, str]:
         target = given.resume_target
         names = {c.name for c in given.checkpoints}
-        return {target: "resume pointer of the trainer"} if target in names else {}
+        kept = {
+            name: f"target of {link}, the resume pointer of an earlier run"
+            for name, link in given.older_pointers.items()
+            if name in names
+        }
+        if target in names:
+            kept[target] = "resume pointer of the trainer"
+        return kept
 
 
 @dataclass(frozen=True)

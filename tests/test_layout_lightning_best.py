@@ -229,3 +229,39 @@ def test_in_work_dir_trusts_only_what_lies_below_the_work_dir() -> None:
     assert lightning_ckpt.in_work_dir(f"{theirs}/../../../../x.ckpt", theirs, rel) is None
     assert lightning_ckpt.in_work_dir(f"{theirs}/a.ckpt", "/mnt/x/other", rel) is None
     assert lightning_ckpt.in_work_dir("/r/ckpts/a.ckpt", "/r/ckpts", "ckpts") == "ckpts/a.ckpt"
+
+
+def test_an_earlier_fits_pointer_target_is_kept_and_can_be_best(tmp_path: Path) -> None:
+    """A fit resumed into the same dirpath from a file saved before its first last.ckpt
+    writes last-v1.ckpt; last.ckpt still names the old file, which may hold the best."""
+    from ckptd.config import RetentionConfig
+    from ckptd.policy import PolicyInput, plan
+
+    run = tmp_path / "run"
+    folder = run / "ckpts"
+    for name, step in (("epoch=2.ckpt", 30), ("epoch=4.ckpt", 50), ("epoch=5.ckpt", 60)):
+        save_ckpt(folder / name, step)
+    os.symlink("epoch=2.ckpt", folder / "last.ckpt")
+    os.symlink("epoch=5.ckpt", folder / "last-v1.ckpt")
+    os.utime(folder / "last.ckpt", ns=(1, 1), follow_symlinks=False)
+    layout = LightningLayout(checkpoint_dirs=("ckpts",))
+    scan = scan_of(layout, run)
+    assert [c.index for c in scan.checkpoints] == [30, 50, 60]  # all candidates for best
+    names = {c.name for c in scan.checkpoints}
+    assert layout.resume_target(run, names) == ("ckpts/epoch=5.ckpt", "")
+    older = layout.older_pointers(run, names)
+    assert older == {"ckpts/epoch=2.ckpt": "ckpts/last.ckpt"}
+    given = PolicyInput(
+        checkpoints=scan.checkpoints,
+        evaluated=frozenset({30, 50, 60}),
+        latest_evaluated=60,
+        best={},
+        artifact_ready=frozenset(),
+        resume_target="ckpts/epoch=5.ckpt",
+        now=0.0,
+        older_pointers=older,
+    )
+    decided = {d.checkpoint.name: d for d in plan(given, RetentionConfig(keep_last=1)).decisions}
+    assert decided["ckpts/epoch=2.ckpt"].keep and decided["ckpts/epoch=2.ckpt"].protected
+    assert "the resume pointer of an earlier run" in decided["ckpts/epoch=2.ckpt"].reasons[0]
+    assert not decided["ckpts/epoch=4.ckpt"].keep

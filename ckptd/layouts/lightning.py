@@ -98,6 +98,7 @@ class LightningLayout(Layout):
         self.metrics = metrics  # configured best.metric keys: their rows are evaluations
         self._listed: tuple[list[Candidate], list[Skipped]] | None = None
         self._pointer: tuple[str, str | None, str] | None = None  # (link, target, text)
+        self._older: dict[str, str] = {}  # target -> an older run's last*.ckpt link
         self._monitors: list[tuple[str, str | None, str]] | None = None
 
     @classmethod
@@ -176,7 +177,7 @@ class LightningLayout(Layout):
                     continue
                 candidates.append(Candidate(name, "step", step, stat))
         candidates = self._one_per_step(candidates, skipped)
-        candidates = self._protect_old_pointers(candidates, skipped, links)
+        self._find_pointers(links)
         self._listed = (candidates, skipped)
         return candidates, skipped
 
@@ -227,29 +228,22 @@ class LightningLayout(Layout):
                     )
         return sorted(kept, key=lambda c: c.index)
 
-    def _protect_old_pointers(
-        self,
-        candidates: list[Candidate],
-        skipped: list[Skipped],
-        links: list[tuple[int, str, str | None, str]],
-    ) -> list[Candidate]:
+    def _find_pointers(self, links: list[tuple[int, str, str | None, str]]) -> None:
         """The newest last*.ckpt link is the resume pointer; older runs' links keep their
-        targets too, by leaving them unmanaged."""
-        self._pointer = None
+        targets too (``older_pointers``). A resumed fit whose restored state lacks
+        ``last_model_path`` writes ``last-v1.ckpt`` beside the old ``last.ckpt``."""
+        self._pointer, self._older = None, {}
         if not links:
-            return candidates
+            return
         links.sort()
         _, link, target, text = links[-1]
         self._pointer = (link, target, text)
-        older = {t: name for _, name, t, _ in links[:-1] if t is not None and t != target}
-        kept = []
-        for c in candidates:
-            if c.name in older:
-                why = f"target of {older[c.name]}, the resume pointer of an earlier run; left alone"
-                skipped.append(Skipped(c.name, why))
-            else:
-                kept.append(c)
-        return kept
+        self._older = {t: name for _, name, t, _ in links[:-1] if t is not None and t != target}
+
+    def older_pointers(self, work_dir: Path, names: set[str]) -> dict[str, str]:
+        if self._listed is None:
+            self.list_checkpoints(work_dir)
+        return {t: link for t, link in self._older.items() if t in names}
 
     def resume_target(self, work_dir: Path, names: set[str]) -> tuple[str | None, str]:
         if self._listed is None:
