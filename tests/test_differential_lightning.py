@@ -34,7 +34,14 @@ import pytest
 import yaml
 
 from ckptd.layouts.lightning_ckpt import step_in_name
-from tests.helpers import REPO, assert_same_state_dict, cli, load_weights_only, run_harness_batch
+from tests.helpers import (
+    REPO,
+    assert_same_state_dict,
+    cli,
+    load_full,
+    load_weights_only,
+    run_harness_batch,
+)
 
 HARNESS = REPO / "tests" / "trainers" / "lightning_real.py"
 RUNS = int(os.environ.get("CKPTD_DIFF_RUNS", "6"))
@@ -168,15 +175,12 @@ class Run:
 
     def files(self) -> dict[Path, tuple[int, int]]:
         """Managed checkpoint files (no last*.ckpt, no symlinks) -> (global_step, mtime_ns)."""
-        import torch
-
         found = {}
         for folder in self.checkpoint_dirs():
             for path in folder.glob("*.ckpt"):
                 if path.is_symlink() or path.name.startswith("last"):
                     continue
-                step = torch.load(path, map_location="cpu", weights_only=False)["global_step"]
-                found[path] = (int(step), path.stat().st_mtime_ns)
+                found[path] = (int(load_full(path)["global_step"]), path.stat().st_mtime_ns)
         return found
 
     def remember_weights(self) -> None:
@@ -186,7 +190,7 @@ class Run:
             for path in folder.glob("*.ckpt") if folder.is_dir() else ():
                 if path.is_symlink() or path.name.startswith("last"):
                     continue
-                step = int(load_weights_only_full(path)["global_step"])
+                step = int(load_full(path)["global_step"])
                 mtime = path.stat().st_mtime_ns
                 if step not in newest or newest[step][0] < mtime:
                     newest[step] = (mtime, path)
@@ -194,12 +198,6 @@ class Run:
         for step, (_, path) in newest.items():
             weights[step] = load_weights_only(path)["state_dict"]
         self.weights = weights
-
-
-def load_weights_only_full(path: Path) -> dict[str, Any]:
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def oracle(result: dict[str, Any]) -> int | None:
