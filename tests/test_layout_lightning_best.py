@@ -82,21 +82,44 @@ def test_real_names_without_step_are_managed(tmp_path: Path) -> None:
 
 @pytest.mark.trainer
 def test_real_every_n_train_steps_follows_the_trainers_best(tmp_path: Path) -> None:
-    """Step-interval checkpoints are ranked by the last validation before them, so no file
-    has an evaluation of its own step: only ModelCheckpoint's record names the best."""
-    run = tmp_path / "work_dirs" / "lit"
-    values = "[0.5, 0.7, 0.95, 0.6, 0.65, 0.55]"  # val at step 30 scores the file at step 35
-    result = train(run, "--every-n-steps", "7", "--values", values)
-    top1 = Path(result["top1_best_model_path"])
-    assert Path(result["best_model_path"]).name == top1.name == "epoch=3-step=35.ckpt"
+    """Step-interval checkpoints are ranked by the last validation before them: with 7 steps
+    no file has an evaluation of its own step; with 10 (the epoch's length) the file of step
+    S is saved before the validation logged at S, and ranked by the one at S-10. Only
+    ModelCheckpoint's record names the best."""
+    values = "[0.5, 0.7, 0.95, 0.6, 0.65, 0.55]"  # the validation at step 30 is the top
+    runs = [
+        (
+            tmp_path / "work_dirs" / f"every{n}",
+            ["--every-n-steps", n, "--values", values, "--top1-dir", str(tmp_path / "top1" / n)],
+        )
+        for n in ("7", "10")
+    ]
+    seven, ten = run_harness_batch(HARNESS, runs)
+    expected = {"every7": (seven, "epoch=3-step=35.ckpt"), "every10": (ten, "epoch=3-step=40.ckpt")}
+    for result, name in expected.values():
+        assert Path(result["best_model_path"]).name == Path(result["top1_best_model_path"]).name
+        assert Path(result["best_model_path"]).name == name
 
     out = once_ok(tmp_path)
-    entry = manifest(run / "best")["artifacts"]["val_acc"]
-    assert entry["source_checkpoint"] == f"{CKPTS}/{top1.name}" and entry["index"] == 35
-    assert entry["value"] == result["top1_best_model_score"]
-    assert_artifact_is(run / "best" / "best_val_acc_step_35.ckpt", top1)
-    assert "disagree" not in out
-    assert ckpt_files(run / CKPTS) == ["epoch=4-step=49.ckpt", "epoch=5-step=56.ckpt"]
+    for root, (result, name) in expected.items():
+        run, top1 = tmp_path / "work_dirs" / root, Path(result["top1_best_model_path"])
+        entry = manifest(run / "best")["artifacts"]["val_acc"]
+        step = entry["index"]
+        assert entry["source_checkpoint"] == f"{CKPTS}/{name}" and f"step={step}." in name
+        assert entry["value"] == result["top1_best_model_score"]
+        assert_artifact_is(run / "best" / f"best_val_acc_step_{step}.ckpt", top1)
+    assert ckpt_files(tmp_path / "work_dirs" / "every7" / CKPTS) == [
+        "epoch=4-step=49.ckpt",
+        "epoch=5-step=56.ckpt",
+    ]
+    # step 30's file was validated at 0.95 (the logs' best), Lightning ranked it 0.7: both kept
+    assert "the trainer holds 40 as best" in out and "its logged values make it 30" in out
+    assert ckpt_files(tmp_path / "work_dirs" / "every10" / CKPTS) == [
+        "epoch=2-step=30.ckpt",
+        "epoch=3-step=40.ckpt",
+        "epoch=4-step=50.ckpt",
+        "epoch=5-step=60.ckpt",
+    ]
 
 
 # --- hand-made checkpoints -----------------------------------------------------------------

@@ -67,8 +67,15 @@ def _contradicted(
     callback: CallbackFacts, records: list[EvalRecord], scan: WorkDirScan, as_of: int
 ) -> bool:
     """A saved evaluation the record accounts for beats its best: the record is partial
-    (e.g. the run moved to another ``dirpath``), so it must not override the logs."""
+    (e.g. the run moved to another ``dirpath``), so it must not override the logs.
+
+    Not for step- or time-triggered saves: Lightning ranks such a file by the validation
+    before it, while the evaluation logged at its step (the one after it) is what the logs
+    pair it with, so the two disagree by design and the record is the authority.
+    """
     score, key = callback.best_model_score, callback.monitor
+    if callback.between_validations:
+        return False
     if score is None or not math.isfinite(score) or callback.mode is None or key is None:
         return False
     for record in records:

@@ -28,6 +28,8 @@ from ckptd.torchzip import SourceArchive
 CKPT_SUFFIX = ".ckpt"
 STEP = re.compile(r"(?:^|[-_])step=(\d+)(?=$|[-_.])", re.ASCII)
 MODE_IN_KEY = re.compile(r"'mode': '(min|max)'")
+# ModelCheckpoint.state_key names its trigger; a step or time trigger saves between validations.
+STEP_TRIGGER_IN_KEY = re.compile(r"'every_n_train_steps': [1-9]|'train_time_interval': (?!None)")
 # data.pkl holds the structure of every tensor; 64 MiB is far above any real checkpoint's.
 MAX_PICKLE = 64 * 1024 * 1024
 # Storage classes a scalar score may be saved in: struct format and item size.
@@ -48,6 +50,8 @@ class CallbackFacts:
     best_model_path: str
     best_model_score: float | None  # None when absent or not a plain float tensor
     ranked: tuple[str, ...]  # best_k_models' paths: the files this callback wrote and ranks
+    # Saves on a step or time trigger: a file is ranked by the last validation *before* it.
+    between_validations: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +120,7 @@ def _callbacks(top: dict[Any, Any], archive: SourceArchive) -> tuple[CallbackFac
                 ranked=tuple(p for p in ranked if isinstance(p, str))
                 if isinstance(ranked, dict)
                 else (),
+                between_validations=bool(STEP_TRIGGER_IN_KEY.search(key)),
             )
         )
     return tuple(found)
