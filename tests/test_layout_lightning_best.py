@@ -288,3 +288,23 @@ def test_an_earlier_fits_pointer_target_is_kept_and_can_be_best(tmp_path: Path) 
     assert decided["ckpts/epoch=2.ckpt"].keep and decided["ckpts/epoch=2.ckpt"].protected
     assert "the resume pointer of an earlier run" in decided["ckpts/epoch=2.ckpt"].reasons[0]
     assert not decided["ckpts/epoch=4.ckpt"].keep
+
+
+def test_an_older_copy_of_a_step_never_replaces_its_artifact(tmp_path: Path) -> None:
+    """A fit resumed from step 30 repeats step 40 in version_1; ckptd slims that copy and
+    deletes it; version_0's copy (the abandoned run's weights) then stands alone."""
+    from ckptd.artifacts import ArtifactEntry, is_current
+    from ckptd.fsutil import FileStat
+    from ckptd.model import Best, Checkpoint
+
+    (tmp_path / "best_val_acc_step_40.ckpt").write_bytes(b"x" * 10)
+    entry = ArtifactEntry(
+        *("val_acc", "best_val_acc_step_40.ckpt", "greater", 0.7, "step", 40, None, 40, "0"),
+        *(10, "lightning_logs/version_1/checkpoints/epoch=3.ckpt", (5, 100, 2_000), (), ""),
+    )
+    best = Best("val_acc", "greater", 0.7, 40, "metrics.csv", 3)
+    older = Checkpoint("lightning_logs/version_0/checkpoints/epoch=3.ckpt", "step", 40,
+                       FileStat(6, 100, 1_000), True)  # fmt: skip
+    assert is_current(entry, best, older, tmp_path)
+    newer = Checkpoint(older.name, "step", 40, FileStat(7, 100, 3_000), True)
+    assert not is_current(entry, best, newer, tmp_path)  # e.g. re-saved after the slim
