@@ -84,18 +84,21 @@ def test_real_names_without_step_are_managed(tmp_path: Path) -> None:
 def test_real_every_n_train_steps_follows_the_trainers_best(tmp_path: Path) -> None:
     """Step-interval checkpoints are ranked by the last validation before them: with 7 steps
     no file has an evaluation of its own step; with 10 (the epoch's length) the file of step
-    S is saved before the validation logged at S, and ranked by the one at S-10. Only
-    ModelCheckpoint's record names the best."""
-    values = "[0.5, 0.7, 0.95, 0.6, 0.65, 0.55]"  # the validation at step 30 is the top
+    S is saved before the validation logged at S, and ranked by the one at S-10, so the last
+    validation ranks nothing. Only ModelCheckpoint's record names the best."""
+    values = {
+        "7": "[0.5, 0.7, 0.95, 0.6, 0.65, 0.55]",  # validated at step 30, ranked at 35
+        "10": "[0.5, 0.7, 0.6, 0.65, 0.55, 0.95]",  # top at the last validation: unranked
+    }
     runs = [
         (
             tmp_path / "work_dirs" / f"every{n}",
-            ["--every-n-steps", n, "--values", values, "--top1-dir", str(tmp_path / "top1" / n)],
+            ["--every-n-steps", n, "--values", v, "--top1-dir", str(tmp_path / "top1" / n)],
         )
-        for n in ("7", "10")
+        for n, v in values.items()
     ]
     seven, ten = run_harness_batch(HARNESS, runs)
-    expected = {"every7": (seven, "epoch=3-step=35.ckpt"), "every10": (ten, "epoch=3-step=40.ckpt")}
+    expected = {"every7": (seven, "epoch=3-step=35.ckpt"), "every10": (ten, "epoch=2-step=30.ckpt")}
     for result, name in expected.values():
         assert Path(result["best_model_path"]).name == Path(result["top1_best_model_path"]).name
         assert Path(result["best_model_path"]).name == name
@@ -112,11 +115,10 @@ def test_real_every_n_train_steps_follows_the_trainers_best(tmp_path: Path) -> N
         "epoch=4-step=49.ckpt",
         "epoch=5-step=56.ckpt",
     ]
-    # step 30's file was validated at 0.95 (the logs' best), Lightning ranked it 0.7: both kept
-    assert "the trainer holds 40 as best" in out and "its logged values make it 30" in out
+    # step 60's file was validated at 0.95 (the logs' best), Lightning ranked it 0.55
+    assert "the trainer holds 30 as best" in out and "its logged values make it 60" in out
     assert ckpt_files(tmp_path / "work_dirs" / "every10" / CKPTS) == [
         "epoch=2-step=30.ckpt",
-        "epoch=3-step=40.ckpt",
         "epoch=4-step=50.ckpt",
         "epoch=5-step=60.ckpt",
     ]
