@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,10 +18,17 @@ from ckptd.fsutil import remove_stale_temp_files
 from ckptd.layouts.base import Layout
 from ckptd.model import Best, Checkpoint
 from ckptd.observe import Observation
-from ckptd.outcome import ArtifactOutcome, PassOptions, Target, WorkDirReport
+from ckptd.outcome import (
+    ArtifactOutcome,
+    ArtifactStatus,
+    ErrorKind,
+    PassOptions,
+    Target,
+    WorkDirReport,
+)
 from ckptd.slimerrors import ArtifactWriteError
 from ckptd.state import WorkDirState, save_state
-from ckptd.units import format_size
+from ckptd.units import format_duration, format_size
 
 log = logging.getLogger("ckptd.artifact")
 
@@ -134,21 +142,26 @@ def ensure_artifacts(
         entry = entries.get(key)
         path = _shown_path(folder, layout, best, checkpoint, entry)
         if key in observation.ready:
-            report.artifacts.append(ArtifactOutcome(key, best, path, "unchanged", entry=entry))
+            report.artifacts.append(
+                ArtifactOutcome(key, best, path, ArtifactStatus.UNCHANGED, entry=entry)
+            )
             continue
         if checkpoint is None:
-            detail = (
-                f"the best {best.key}={best.value:g} is at {best.index}, whose checkpoint is no "
-                "longer in the work_dir; the artifact stays at the previous best"
+            detail = _missing_detail(best, entry, observation.unit)
+            report.artifacts.append(
+                ArtifactOutcome(key, best, path, ArtifactStatus.MISSING, detail, entry)
             )
-            report.artifacts.append(ArtifactOutcome(key, best, path, "missing", detail, entry))
             continue
         if not checkpoint.complete:
-            detail = f"{checkpoint.name} is {checkpoint.incomplete_reason}; will slim it then"
-            report.artifacts.append(ArtifactOutcome(key, best, path, "deferred", detail, entry))
+            detail = _deferred_detail(checkpoint, options)
+            report.artifacts.append(
+                ArtifactOutcome(key, best, path, ArtifactStatus.DEFERRED, detail, entry)
+            )
             continue
         if dry_run:
-            report.artifacts.append(ArtifactOutcome(key, best, path, "would write", entry=entry))
+            report.artifacts.append(
+                ArtifactOutcome(key, best, path, ArtifactStatus.WOULD_WRITE, entry=entry)
+            )
             continue
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -163,17 +176,51 @@ def ensure_artifacts(
         except (SlimError, OSError) as exc:
             ok = False
             message = _artifact_error(exc, folder, checkpoint)
-            report.error("slim", message)
-            report.artifacts.append(ArtifactOutcome(key, best, path, "failed", message, entry))
+            report.error(ErrorKind.SLIM, message)
+            report.artifacts.append(
+                ArtifactOutcome(key, best, path, ArtifactStatus.FAILED, message, entry)
+            )
             continue
         report.artifacts.append(
-            ArtifactOutcome(key, best, folder / new.file, "written", entry=new, seconds=seconds)
+            ArtifactOutcome(
+                key, best, folder / new.file, ArtifactStatus.WRITTEN, entry=new, seconds=seconds
+            )
         )
     # Until every best has an artifact in the manifest, a file a crash kept out of it may be
     # the only complete artifact there is: remove nothing yet.
     if not dry_run and folder.is_dir() and all(k in entries for k in observation.bests):
         remove_replaced_artifacts(folder, entries, state)
     return ok
+
+
+def _missing_detail(best: Best, previous: ArtifactEntry | None, unit: str | None) -> str:
+    at = f"{unit} {best.index}" if unit else str(best.index)
+    gone = f"the best {best.key}={best.value:g} is at {at}, whose checkpoint is gone from "
+    gone += "the work_dir"
+    later = (
+        f"until a later evaluation beats {best.value:g} with its checkpoint still there, or that "
+        "checkpoint is put back into the work_dir (ckptd then slims it)"
+    )
+    if previous is None:
+        return f"{gone}, and no earlier best has an artifact either: {best.key} has none {later}"
+    return (
+        f"{gone}; the artifact stays at the previous best, {previous.file} "
+        f"({previous.key}={previous.value:g} at {previous.unit} {previous.index}), {later}"
+    )
+
+
+def _deferred_detail(checkpoint: Checkpoint, options: PassOptions) -> str:
+    waiting = f"{checkpoint.name} is {checkpoint.incomplete_reason}"
+    if not options.one_shot:
+        return f"{waiting}; will slim it then"  # the daemon passes again by itself
+    # ckptd once exits: say when running it again finds the checkpoint old enough to trust
+    settled_in = checkpoint.stat.mtime_ns / 1e9 + options.settle - options.now()
+    when = (
+        f"run `ckptd once` again in {format_duration(max(1, math.ceil(settled_in)))}"
+        if settled_in > 0
+        else "run `ckptd once` again once it is complete"
+    )
+    return f"{waiting}; {when} to slim it, or use `ckptd run`, which slims it by itself"
 
 
 def _claim(target: Target, state: WorkDirState, name: str) -> None:

@@ -32,6 +32,7 @@ LAYOUT_NAMES = ("mmengine", "mmcv", "lightning", "hf")
 Rule = Literal["greater", "less"]
 ARTIFACT_DIR_FIELDS = {"work_dir", "project", "run"}
 PUBLISH_URL_FIELDS = {"project", "run"}
+MIN_PUBLISH_TIMEOUT = 2.0  # seconds; an attempt's process needs about one to start
 # storage_options keys (any depth, compared without case, '_' and '-') that carry a credential.
 SECRET_OPTION_KEYS = frozenset(
     {
@@ -161,6 +162,8 @@ class PublishConfig(_Strict):
     url: str
     storage_options: dict[str, Any] = Field(default_factory=dict)
     keep_history: bool = False
+    # Each attempt's limit, whatever storage_options make the backend retry or wait.
+    timeout: Duration = 600.0
 
     @field_validator("url")
     @classmethod
@@ -182,6 +185,17 @@ class PublishConfig(_Strict):
             raise ValueError(
                 f"unknown scheme {scheme!r}; fsspec knows e.g. s3, gs, az, file (the backend "
                 "package, such as s3fs, gcsfs or adlfs, must be installed)"
+            )
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _room_to_publish(cls, value: float) -> float:
+        if value < MIN_PUBLISH_TIMEOUT:
+            raise ValueError(
+                f"{format_duration(value)} is too short: each publish attempt starts its own "
+                f"process first (about a second); use at least {MIN_PUBLISH_TIMEOUT:g}s, "
+                "e.g. 10m, the time one attempt may take on your slowest link"
             )
         return value
 

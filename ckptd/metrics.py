@@ -33,6 +33,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from ckptd import __version__
+from ckptd.outcome import ErrorKind
 
 __all__ = [
     "ERROR_KINDS",
@@ -48,7 +49,7 @@ SLIM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120
 # A pass with nothing to do is a directory scan (ms); one that slims takes as long as the slim.
 RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 # Kinds pre-set to 0 for every work_dir, so that rate()/increase() see the first error.
-ERROR_KINDS = ("config", "delete", "input", "io", "lock", "slim")
+ERROR_KINDS = tuple(str(kind) for kind in ErrorKind)
 
 
 @dataclass(slots=True)
@@ -70,6 +71,7 @@ class _WorkDirStats:
     uploads: int = 0
     uploaded_bytes: int = 0
     upload_failures: int = 0
+    upload_timeouts: int = 0
 
 
 class _WorkDirCollector(Collector):
@@ -138,6 +140,9 @@ def _publish_families(rows: list[tuple[str, _WorkDirStats]], wdp: list[str]) -> 
     )
     sent = CounterMetricFamily("ckptd_publish_uploaded_bytes", "Bytes uploaded.", labels=wdp)
     failures = CounterMetricFamily("ckptd_publish_failures", "Failed publishes.", labels=wdp)
+    timeouts = CounterMetricFamily(
+        "ckptd_publish_timeouts", "Publishes stopped at artifact.publish.timeout.", labels=wdp
+    )
     pending = GaugeMetricFamily(
         "ckptd_publish_pending",
         "1 while the remote manifest is not yet the local one (new best, or failed uploads).",
@@ -150,8 +155,9 @@ def _publish_families(rows: list[tuple[str, _WorkDirStats]], wdp: list[str]) -> 
         uploads.add_metric(labels, s.uploads)
         sent.add_metric(labels, s.uploaded_bytes)
         failures.add_metric(labels, s.upload_failures)
+        timeouts.add_metric(labels, s.upload_timeouts)
         pending.add_metric(labels, int(s.publish_pending))
-    return [uploads, sent, failures, pending]
+    return [uploads, sent, failures, timeouts, pending]
 
 
 class DaemonMetrics:
@@ -239,6 +245,7 @@ class DaemonMetrics:
         uploaded_bytes: int,
         failed: bool,
         pending: bool,
+        timed_out: bool = False,
     ) -> None:
         """One publish attempt of ``artifact.publish``: counters add, ``pending`` replaces."""
         with self._lock:
@@ -248,6 +255,7 @@ class DaemonMetrics:
             row.uploads += max(0, uploads)
             row.uploaded_bytes += max(0, uploaded_bytes)
             row.upload_failures += int(failed)
+            row.upload_timeouts += int(timed_out)
             row.publish_pending = pending
 
     def forget(self, work_dir: str) -> None:
@@ -277,6 +285,7 @@ class DaemonMetrics:
                         uploads=s.uploads,
                         uploaded_bytes=s.uploaded_bytes,
                         upload_failures=s.upload_failures,
+                        upload_timeouts=s.upload_timeouts,
                     ),
                 )
                 for path, s in sorted(self._rows.items())

@@ -2,7 +2,8 @@
 
 ``publish`` makes the remote manifest equal the local one (level-triggered, like a reconcile
 pass) and records the result in ``.ckptd/publish.json``; ``publishstore`` does the uploads in
-the order that keeps remote readers safe. ``ckptd once`` publishes after its passes
+the order that keeps remote readers safe, in a process of its own that is killed at
+``artifact.publish.timeout`` (``publishproc``). ``ckptd once`` publishes after its passes
 (``publish_reports``); ``ckptd run`` from a background queue (``publishqueue``), so uploads never
 hold up retention. fsspec and its backends are imported only when something is published.
 """
@@ -11,19 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptd.artifacts import MANIFEST, ArtifactEntry, now_iso
-from ckptd.publishstore import (
-    LocalChanged,
-    PublishCancelled,
-    PublishError,
-    StoreAttempt,
-    sha256_of,
-)
+from ckptd.outcome import ErrorKind
+from ckptd.publishproc import AttemptProcess, PublishTimeout
+from ckptd.publishstore import LocalChanged, PublishCancelled, PublishError, sha256_of
 from ckptd.state import (
     LockBusy,
     PublishState,
@@ -50,6 +48,8 @@ class PublishOutcome:
     error: str = ""
     detail: str = ""
     failures: int = 0  # failed attempts since the last success
+    timed_out: bool = False  # this attempt was stopped at artifact.publish.timeout
+    timeouts: int = 0  # of the failures since the last success, those stopped so
     retry_soon: bool = False  # the local artifact changed under the upload
 
     @property
@@ -78,6 +78,11 @@ def _read_local(folder: Path) -> tuple[bytes, dict[str, Any], dict[str, Artifact
         raw = (folder / MANIFEST).read_bytes()
     except FileNotFoundError:
         return None
+    return (raw, *parse_local(folder, raw))
+
+
+def parse_local(folder: Path, raw: bytes) -> tuple[dict[str, Any], dict[str, ArtifactEntry]]:
+    """The local manifest's data and entries; raises PublishError if it cannot be published."""
     try:
         data = json.loads(raw)
         entries = {k: ArtifactEntry.from_json(v) for k, v in data["artifacts"].items()}
@@ -86,11 +91,11 @@ def _read_local(folder: Path) -> tuple[bytes, dict[str, Any], dict[str, Artifact
     for entry in entries.values():
         if "/" in entry.file or entry.file in ("", ".", "..") or entry.file == MANIFEST:
             raise PublishError(f"{folder / MANIFEST}: names {entry.file!r}; not published")
-    return raw, data, entries
+    return data, entries
 
 
 def _from_state(url: str, status: str, state: PublishState) -> PublishOutcome:
-    outcome = PublishOutcome(url, status, failures=state.failures)
+    outcome = PublishOutcome(url, status, failures=state.failures, timeouts=state.timeouts)
     if state.url == url:
         outcome.manifest_sha256, outcome.files = state.manifest_sha256, dict(state.files)
         outcome.time = state.time
@@ -123,12 +128,15 @@ def publish(
     *,
     stop: Callable[[], bool] | None = None,
     confirmed: set[tuple[str, str]] | None = None,
+    deadline: float | None = None,
 ) -> PublishOutcome:
     """Make the remote manifest equal the local one. Never raises for remote or local
     problems: they come back in ``error``, and the record says what is pending.
 
     ``confirmed`` holds the (url, manifest sha256) pairs this process has seen in place; a
-    record that matches one of them is trusted without asking the store again.
+    record that matches one of them is trusted without asking the store again. The attempt
+    is stopped at ``deadline`` (``time.monotonic()``; default: ``artifact.publish.timeout``
+    from now).
     """
     url = publish_url(target)
     state = load_publish_state(target.work_dir)
@@ -143,7 +151,9 @@ def publish(
         if state.manifest_sha256 == sha and not state.stale and (url, sha) in (confirmed or ()):
             return _from_state(url, "in sync", state)
         state.last_attempt = now_iso()
-        attempt = StoreAttempt(target, url, state, stop)
+        if deadline is None:
+            deadline = time.monotonic() + timeout_of(target)
+        attempt = AttemptProcess(target, url, state, stop, deadline)
         try:
             attempt.run(*local)
         finally:
@@ -161,7 +171,9 @@ def publish(
         if outcome.status not in ("published", "in sync"):  # else: only the cleanup failed
             outcome.status = "failed"
         outcome.error = exc.args[0] if isinstance(exc, PublishError) else _describe(url, exc)
+        outcome.timed_out = isinstance(exc, PublishTimeout)
         state.failures += 1
+        state.timeouts += outcome.timed_out
         state.last_error = outcome.error
     finally:
         state.uploads += outcome.uploads
@@ -169,13 +181,19 @@ def publish(
         if outcome.status not in ("nothing to publish", "in sync"):
             with contextlib.suppress(OSError):
                 save_publish_state(target.work_dir, state)
-    outcome.failures = state.failures
+    outcome.failures, outcome.timeouts = state.failures, state.timeouts
     outcome.manifest_sha256, outcome.files, outcome.time = (
         state.manifest_sha256,
         dict(state.files),
         state.time,
     )
     return outcome
+
+
+def timeout_of(target: Target) -> float:
+    config = target.project.artifact.publish
+    assert config is not None
+    return config.timeout
 
 
 def _describe(url: str, exc: BaseException) -> str:
@@ -200,12 +218,14 @@ def publish_reports(reports: Iterable[WorkDirReport]) -> None:
             report.publish = publish_status(target)
             report.publish.detail = f"not published by this run: {exc}"
             continue
+        # One deadline for the work_dir, so that `ckptd once` never waits longer for it.
+        deadline = time.monotonic() + timeout_of(target)
         try:
             for _ in range(3):  # a best replaced under the upload is published right away
-                report.publish = publish(target)
+                report.publish = publish(target, deadline=deadline)
                 if not report.publish.retry_soon:
                     break
         finally:
             lock.release()
         if report.publish.failed:
-            report.error("publish", report.publish.error)
+            report.error(ErrorKind.PUBLISH, report.publish.error)

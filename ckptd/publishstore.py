@@ -87,6 +87,8 @@ class StoreAttempt:
         self.in_place = False  # the remote manifest equals the local one, and it is recorded
         self.changed_remote = False  # this attempt put it there
         self.stop = stop or (lambda: False)
+        # told before each remote operation: the publishing process reports where it is
+        self.on_step: Callable[[str], None] = lambda what: None
         self.fs, root = _open_fs(url, dict(config.storage_options))
         self.root = root.rstrip("/")
         self.local_fs = bool({"file", "local"} & set(_protocols(self.fs)))
@@ -97,6 +99,7 @@ class StoreAttempt:
     def retry(self, what: str, fn: Callable[[], T]) -> T:
         for attempt in range(RETRIES):
             self.check_stop()
+            self.on_step(what if not attempt else f"{what} (try {attempt + 1} of {RETRIES})")
             try:
                 return fn()
             except (PublishError, PublishCancelled, PermissionError, FileNotFoundError):
@@ -136,7 +139,7 @@ class StoreAttempt:
         self.state.manifest_sha256 = sha256_of(raw)
         self.state.files = new_files
         self.state.time = now_iso() if remote_raw != raw or not self.state.time else self.state.time
-        self.state.failures, self.state.last_error = 0, ""
+        self.state.failures, self.state.timeouts, self.state.last_error = 0, 0, ""
         self.changed_remote = remote_raw != raw
         save_publish_state(self.work_dir, self.state)
         self.in_place = True
@@ -177,6 +180,28 @@ class StoreAttempt:
             if str(name).rstrip("/").rsplit("/", 1)[-1].startswith(TEMP_PREFIX):
                 with contextlib.suppress(FileNotFoundError):
                     self.retry("removing a leftover upload", lambda n=name: self.fs.rm(n))
+        self.abort_temp_multiparts()
+
+    def abort_temp_multiparts(self) -> None:
+        """S3: an upload killed mid-way (a crash, artifact.publish.timeout) leaves the parts of
+        a multipart upload, invisible but billed. Abort those of ckptd's temporary keys, best
+        effort: a store without the call, or a policy without the permission, changes nothing."""
+        call = getattr(self.fs, "call_s3", None)
+        if call is None or not _is_object_store(self.fs):
+            return
+        try:
+            bucket, prefix, _ = self.fs.split_path(self.key(TEMP_PREFIX))
+            listing = call("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+            for upload in listing.get("Uploads", []):
+                self.on_step("aborting a leftover multipart upload")
+                call(
+                    "abort_multipart_upload",
+                    Bucket=bucket,
+                    Key=upload["Key"],
+                    UploadId=upload["UploadId"],
+                )
+        except Exception:  # the lifecycle rule in docs/publish.md is the backstop
+            pass
 
     def objects_of(self, entry: ArtifactEntry) -> list[tuple[str, str, int]]:
         """(name under the prefix, sha256, bytes) of each object the artifact becomes.

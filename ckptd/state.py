@@ -142,6 +142,7 @@ class PublishState:
     time: str = ""  # when that manifest was put in place
     stale: list[str] = field(default_factory=list)  # replaced objects under url, not yet removed
     failures: int = 0  # failed attempts since the last success
+    timeouts: int = 0  # of those, attempts stopped at artifact.publish.timeout
     last_error: str = ""
     last_attempt: str = ""
     uploads: int = 0  # objects uploaded to url, in total
@@ -156,6 +157,7 @@ class PublishState:
             "time": self.time,
             "stale": sorted(set(self.stale)),
             "failures": self.failures,
+            "timeouts": self.timeouts,
             "last_error": self.last_error,
             "last_attempt": self.last_attempt,
             "uploads": self.uploads,
@@ -171,6 +173,7 @@ class PublishState:
             time=str(data.get("time", "")),
             stale=[str(name) for name in data.get("stale", [])],
             failures=int(data.get("failures", 0)),
+            timeouts=int(data.get("timeouts", 0)),
             last_error=str(data.get("last_error", "")),
             last_attempt=str(data.get("last_attempt", "")),
             uploads=int(data.get("uploads", 0)),

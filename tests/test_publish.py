@@ -27,10 +27,11 @@ import pytest
 
 from ckptd import publishstore
 from ckptd.config import ConfigError, load_config
-from ckptd.publishstore import TEMP_PREFIX, StoreAttempt
+from ckptd.publishstore import TEMP_PREFIX
 from ckptd.simulate import SimConfig, SimulatedTrainer
 from ckptd.state import WorkDirLock, load_publish_state
 from tests.daemon_proc import DaemonProcess
+from tests.faults import publishchild
 from tests.helpers import checkpoints, cli, write_config
 
 s3fs = pytest.importorskip("s3fs", reason="needs the publish extra: pip install -e '.[publish]'")
@@ -333,13 +334,11 @@ def test_crash_before_the_manifest_resumes_and_cleans_up(
     before = fs.cat_file(f"{root}/manifest.json")
     epochs(t, 2)
 
-    def killed(self: StoreAttempt, raw: bytes) -> None:
-        raise KeyboardInterrupt  # as if ckptd died after the new file, before its manifest
-
-    with monkeypatch.context() as patched:
-        patched.setattr(StoreAttempt, "put_manifest", killed)
-        code, _out, _err = cli("once", "-c", str(config))
-    assert code == 130
+    with monkeypatch.context() as patched:  # it dies after the new file, before its manifest
+        publishchild.inject(patched, "kill-before-manifest")
+        code, report = once(config)
+    assert code == 1
+    assert "the publishing process was killed by signal 9" in report["publish"]["error"]
     # readers still see the old best, complete; the new file waits unnamed
     assert fs.cat_file(f"{root}/manifest.json") == before
     assert "best_coco_bbox_mAP_epoch_4.pth" in names(fs, root)
@@ -361,16 +360,12 @@ def test_server_stopped_mid_upload_then_restarted(
         t = trainer(tmp_path, "outage")
         config = s3_config(tmp_path, server)
         epochs(t, 3)
-        real_send = StoreAttempt.send
-
-        def server_dies(self: StoreAttempt, *args: Any) -> None:
-            server.stop()
-            real_send(self, *args)
-
         started = time.monotonic()
-        with monkeypatch.context() as patched:
-            patched.setattr(StoreAttempt, "send", server_dies)
+        assert server.proc is not None
+        with monkeypatch.context() as patched:  # the server dies at the first upload
+            publishchild.inject(patched, "stop-server", str(server.proc.pid))
             code, report = once(config)
+        server.stop()
         assert time.monotonic() - started < 30
         # the upload failed, and said so; local retention went ahead regardless
         assert code == 1
@@ -538,14 +533,12 @@ def test_file_target(tmp_path: Path) -> None:
     assert files == ["best_coco_bbox_mAP_epoch_4.pth"]
 
 
-def test_publish_queue_retries_in_the_background(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_publish_queue_retries_in_the_background(tmp_path: Path) -> None:
     from ckptd import publishqueue
     from ckptd.metrics import DaemonMetrics
     from ckptd.outcome import Target
+    from ckptd.timings import Timings
 
-    monkeypatch.setattr(publishqueue, "BACKOFF_START", 0.2)
     blocker = tmp_path / "published"
     blocker.write_text("a file where the folder should be")  # publishing fails until removed
     t = trainer(tmp_path, "queued")
@@ -570,7 +563,7 @@ def test_publish_queue_retries_in_the_background(
 
     lock = WorkDirLock(t.work_dir)
     lock.acquire()
-    queue = publishqueue.PublishQueue(record)
+    queue = publishqueue.PublishQueue(record, Timings(backoff_start=0.2))
     queue.start()
     try:
         queue.submit(target, lock)
