@@ -53,17 +53,33 @@ def cli_process(
     )
 
 
+def _run_trainer(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 def run_harness(harness: Path, out: Path, *args: str) -> dict[str, Any]:
     """Run a real-trainer harness (``tests/trainers/*_real.py``) into ``out``; its result JSON."""
     result_file = out.parent / f"{out.name}-result.json"
-    result = subprocess.run(
-        [sys.executable, str(harness), str(out), "--result", str(result_file), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _run_trainer([sys.executable, str(harness), str(out), "--result", str(result_file), *args])
     return json.loads(result_file.read_text())
+
+
+def run_harness_batch(harness: Path, runs: list[tuple[Path, list[str]]]) -> list[dict[str, Any]]:
+    """Several runs of a harness that takes ``--batch`` (one process, one import of the
+    framework), in order; each run's result JSON."""
+    if not runs:
+        return []
+    results = [out.parent / f"{out.name}-result.json" for out, _ in runs]
+    batch = [
+        [str(out), "--result", str(result), *args]
+        for (out, args), result in zip(runs, results, strict=True)
+    ]
+    batch_file = runs[0][0].parent / f"{runs[0][0].name}-batch.json"
+    batch_file.parent.mkdir(parents=True, exist_ok=True)
+    batch_file.write_text(json.dumps(batch))
+    _run_trainer([sys.executable, str(harness), "--batch", str(batch_file)])
+    return [json.loads(r.read_text()) for r in results]
 
 
 def once_ok(root: Path, **project: Any) -> str:

@@ -131,6 +131,15 @@ def test_duplicated_step_latest_wins() -> None:
     assert [(r.index, r.metrics["coco/bbox_mAP"]) for r in merged] == [(1, 0.1), (2, 0.05)]
 
 
+@pytest.mark.parametrize("score", [math.inf, -math.inf, math.nan, None])
+def test_a_trainer_record_of_a_non_finite_best_is_not_followed(score: float | None) -> None:
+    # Lightning stores a NaN score as -inf (mode max) when it is all it has ranked
+    values = records([math.nan, math.nan])
+    trainer = TrainerBest("coco/bbox_mAP", 2, score, as_of=2, source="x.ckpt")
+    choice = MetricChoice("coco/bbox_mAP", "greater")
+    assert agree_with_trainer(values, choice, {1, 2}, trainer) == (None, None)
+
+
 GREATER = MetricChoice("coco/bbox_mAP", "greater")
 
 

@@ -183,6 +183,9 @@ def agree_with_trainer(
         if at is None or choice.key not in at.metrics:
             return None, None
         score = at.metrics[choice.key]
+    if not math.isfinite(score):
+        # e.g. Lightning's NaN stored as -inf/inf when nothing finite was ranked yet
+        return None, None
     start = Best(
         choice.key,
         choice.rule,

@@ -46,7 +46,11 @@ def _over_budget(d: Mapping[str, Any]) -> str:
 _TEXT: dict[RuleId, Callable[[Mapping[str, Any]], str]] = {
     RuleId.BEING_WRITTEN: lambda d: f"not complete ({d['why']})",
     RuleId.NEWEST: lambda d: "newest complete checkpoint",
-    RuleId.RESUME_POINTER: lambda d: "resume pointer of the trainer",
+    RuleId.RESUME_POINTER: lambda d: (
+        f"target of {d['pointer']}, the resume pointer of an earlier run"
+        if d.get("pointer")
+        else "resume pointer of the trainer"
+    ),
     RuleId.PENDING_EVALUATION: lambda d: (
         f"waiting for its evaluation ({format_duration(d['seconds_left'])} left)"
     ),

@@ -118,6 +118,8 @@ class WorkDirScan:
     checkpoints: list[Checkpoint] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     resume_target: str | None = None  # checkpoint name the trainer would resume from
+    # Checkpoints that older resume pointers name (an earlier fit's link) -> that pointer.
+    older_pointers: dict[str, str] = field(default_factory=dict)
     resume_note: str = ""
     problems: list[Problem] = field(default_factory=list)
 

@@ -63,6 +63,8 @@ class PolicyInput:
     now: float  # wall-clock seconds, compared with checkpoint mtimes
     # The trainer's own best and the logs' best differ: both are kept until they agree.
     disputes: tuple[BestDispute, ...] = ()
+    # Checkpoints that older resume pointers name -> the pointer (Layout.older_pointers).
+    older_pointers: Mapping[str, str] = field(default_factory=dict)
 
 
 class KeepRule(Protocol):
@@ -123,7 +125,15 @@ class ResumePointer(Timeless):
     def keeps(self, given: PolicyInput) -> dict[str, list[Reason]]:
         target = given.resume_target
         names = {c.name for c in given.checkpoints}
-        return {target: [Reason(self.rule)]} if target in names else {}
+        # An earlier run's pointer (e.g. its last.ckpt link) keeps its target too.
+        kept = {
+            name: [Reason(self.rule, {"pointer": link})]
+            for name, link in given.older_pointers.items()
+            if name in names
+        }
+        if target in names:
+            kept[target] = [Reason(self.rule)]
+        return kept
 
 
 @dataclass(frozen=True)

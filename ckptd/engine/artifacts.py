@@ -107,9 +107,14 @@ def is_current(
         return False
     if checkpoint is None:
         return True
-    return checkpoint.name == entry.source_checkpoint and checkpoint.stat == FileStat(
-        *entry.source_stat
-    )
+    source = FileStat(*entry.source_stat)
+    if checkpoint.name != entry.source_checkpoint:
+        # Another file of the same index that is older than the one slimmed: a fit resumed
+        # from an earlier checkpoint repeated this index in a new file, ckptd slimmed and then
+        # deleted that one, and the abandoned run's copy now stands alone. It never replaces
+        # the newer weights.
+        return checkpoint.stat.mtime_ns < source.mtime_ns
+    return checkpoint.stat == source
 
 
 def _artifact_bytes(path: Path) -> int:

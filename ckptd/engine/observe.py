@@ -187,9 +187,6 @@ def _choose_bests(
     for choice in choices:
         best, problems = select_best(records, choice, checkpointed)
         scan.problems.extend(problems)
-        note = _unsaved_best_note(records, choice, best, scan)
-        if note:
-            notes.append(note)
         own = [t for t in trainer if t.key == choice.key or (t.key is None and len(choices) == 1)]
         for record in own[-1:]:  # the newest record the trainer wrote
             agreed, dispute = agree_with_trainer(records, choice, checkpointed, record)
@@ -203,6 +200,10 @@ def _choose_bests(
                 )
             if agreed is not None:
                 best = agreed
+        # after the trainer's record is taken into account: "instead" names what ckptd keeps
+        note = _unsaved_best_note(records, choice, best, scan)
+        if note:
+            notes.append(note)
         if best is not None:
             bests[choice.key] = best
     return bests, disputes
@@ -229,6 +230,7 @@ def observe(
     names = {c.name for c in scan.checkpoints}
     try:
         scan.resume_target, scan.resume_note = layout.resume_target(work_dir, names)
+        scan.older_pointers = layout.older_pointers(work_dir, names)
     except PointerUnreadable as exc:
         scan.problems.append(Problem(str(work_dir), str(exc)))
     unit = _unit_of(scan)

@@ -62,6 +62,7 @@ def _policy_input(observation: Observation, now: float) -> PolicyInput:
         best={k: b.index for k, b in observation.bests.items()},
         artifact_ready=frozenset(observation.ready),
         resume_target=observation.scan.resume_target,
+        older_pointers=observation.scan.older_pointers,
         now=now,
         disputes=tuple(observation.disputes),
     )

@@ -142,6 +142,12 @@ class Layout(ABC):
     def resume_target(self, work_dir: Path, names: set[str]) -> tuple[str | None, str]:
         """The checkpoint name the trainer would resume from, and a note for the user."""
 
+    def older_pointers(self, work_dir: Path, names: set[str]) -> dict[str, str]:
+        """Checkpoints named by resume pointers older than the trainer's current one (e.g. an
+        earlier fit's ``last.ckpt`` link), each with that pointer: they are kept like the
+        resume target, and stay candidates for best."""
+        return {}
+
     @abstractmethod
     def read_evals(
         self, work_dir: Path, previous: dict[str, SourceState], unit: str | None

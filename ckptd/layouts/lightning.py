@@ -20,9 +20,16 @@ import os
 import posixpath
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from ckptd.core.model import EvalRecord, FileStat, Problem, Skipped, WorkDirScan
+from ckptd.core.model import (
+    EvalRecord,
+    FileStat,
+    Problem,
+    Skipped,
+    TrainerBest,
+    WorkDirScan,
+)
 from ckptd.layouts.base import (
     AutoMetric,
     Candidate,
@@ -30,19 +37,15 @@ from ckptd.layouts.base import (
     Layout,
     SourceState,
 )
+from ckptd.layouts.lightning_best import lightning_bests
+from ckptd.layouts.lightning_ckpt import CKPT_SUFFIX, read_facts, step_in_name
 from ckptd.layouts.lightning_csv import METRICS_FILE, read_metrics_csv
-from ckptd.layouts.peek import peek, top_mapping
 
 if TYPE_CHECKING:
     from ckptd.core.config import ProjectConfig
 
-CKPT_SUFFIX = ".ckpt"
-STEP = re.compile(r"(?:^|[-_])step=(\d+)(?=$|[-_.])", re.ASCII)
 LAST = re.compile(r"last(?:-v\d+)?\.ckpt", re.ASCII)
 VERSION = re.compile(r"version_(\d+)", re.ASCII)
-MODE_IN_KEY = re.compile(r"'mode': '(min|max)'")
-# data.pkl holds the structure of every tensor; 64 MiB is far above any real checkpoint's.
-MAX_PICKLE = 64 * 1024 * 1024
 
 
 def _real_dir(path: Path) -> bool:
@@ -83,22 +86,6 @@ def log_dirs(work_dir: Path) -> list[Path]:
     return found
 
 
-def _monitors_of(root: Any) -> list[tuple[str, str | None]]:
-    """(monitor, mode) of every ModelCheckpoint-like callback state, in the checkpoint's order."""
-    callbacks = top_mapping(root).get("callbacks")
-    found: list[tuple[str, str | None]] = []
-    if not isinstance(callbacks, dict):
-        return found
-    for state_key, value in callbacks.items():
-        if not isinstance(value, dict) or "best_model_path" not in value:
-            continue
-        monitor = value.get("monitor")
-        if isinstance(monitor, str) and monitor:
-            mode = MODE_IN_KEY.search(state_key) if isinstance(state_key, str) else None
-            found.append((monitor, mode.group(1) if mode else None))
-    return found
-
-
 class LightningLayout(Layout):
     name: ClassVar[str] = "lightning"
     default_keep_keys: ClassVar[tuple[str, ...]] = (
@@ -118,6 +105,7 @@ class LightningLayout(Layout):
         self.metrics = metrics  # configured best.metric keys: their rows are evaluations
         self._listed: tuple[list[Candidate], list[Skipped]] | None = None
         self._pointer: tuple[str, str | None, str] | None = None  # (link, target, text)
+        self._older: dict[str, str] = {}  # target -> an older run's last*.ckpt link
         self._monitors: list[tuple[str, str | None, str]] | None = None
 
     @classmethod
@@ -184,25 +172,39 @@ class LightningLayout(Layout):
                 if not entry.is_file(follow_symlinks=False):
                     skipped.append(Skipped(name, "not a regular file"))
                     continue
-                match = STEP.search(entry.name[: -len(CKPT_SUFFIX)])
-                if not match:
-                    skipped.append(
-                        Skipped(
-                            name,
-                            "its name has no step=N, so ckptd cannot order it; add {step} to "
-                            "ModelCheckpoint(filename=...) to have it managed. Left alone",
-                        )
-                    )
-                    continue
                 try:
                     stat = FileStat.of(entry.stat(follow_symlinks=False))
                 except FileNotFoundError:
                     continue
-                candidates.append(Candidate(name, "step", int(match.group(1)), stat))
+                step, why = step_in_name(entry.name), ""
+                if step is None:
+                    step, why = self._stored_step(entry, stat)
+                if step is None:
+                    skipped.append(Skipped(name, why))
+                    continue
+                candidates.append(Candidate(name, "step", step, stat))
         candidates = self._one_per_step(candidates, skipped)
-        candidates = self._protect_old_pointers(candidates, skipped, links)
+        self._find_pointers(links)
         self._listed = (candidates, skipped)
         return candidates, skipped
+
+    def _stored_step(self, entry: os.DirEntry[str], stat: FileStat) -> tuple[int | None, str]:
+        """The step of a checkpoint whose name does not say (``filename='{epoch}'``, or
+        ``auto_insert_metric_name=False``): its own ``global_step``, read once it is complete."""
+        complete, reason = self.format_check(Path(entry.path))
+        if complete is not True:
+            return None, (
+                f"its name has no step=N and it is not complete yet ({reason or 'unknown format'})"
+                "; ckptd reads its step from it once it is. Left alone until then"
+            )
+        facts = read_facts(Path(entry.path), stat)
+        if facts is None or facts.global_step is None:
+            return None, (
+                "its name has no step=N and ckptd cannot read a global_step from it (not a "
+                "Lightning checkpoint ckptd can read safely); add {step} to "
+                "ModelCheckpoint(filename=...) to have it managed. Left alone"
+            )
+        return facts.global_step, ""
 
     @staticmethod
     def _link_target(rel_dir: str, text: str) -> str | None:
@@ -233,29 +235,22 @@ class LightningLayout(Layout):
                     )
         return sorted(kept, key=lambda c: c.index)
 
-    def _protect_old_pointers(
-        self,
-        candidates: list[Candidate],
-        skipped: list[Skipped],
-        links: list[tuple[int, str, str | None, str]],
-    ) -> list[Candidate]:
+    def _find_pointers(self, links: list[tuple[int, str, str | None, str]]) -> None:
         """The newest last*.ckpt link is the resume pointer; older runs' links keep their
-        targets too, by leaving them unmanaged."""
-        self._pointer = None
+        targets too (``older_pointers``). A resumed fit whose restored state lacks
+        ``last_model_path`` writes ``last-v1.ckpt`` beside the old ``last.ckpt``."""
+        self._pointer, self._older = None, {}
         if not links:
-            return candidates
+            return
         links.sort()
         _, link, target, text = links[-1]
         self._pointer = (link, target, text)
-        older = {t: name for _, name, t, _ in links[:-1] if t is not None and t != target}
-        kept = []
-        for c in candidates:
-            if c.name in older:
-                why = f"target of {older[c.name]}, the resume pointer of an earlier run; left alone"
-                skipped.append(Skipped(c.name, why))
-            else:
-                kept.append(c)
-        return kept
+        self._older = {t: name for _, name, t, _ in links[:-1] if t is not None and t != target}
+
+    def older_pointers(self, work_dir: Path, names: set[str]) -> dict[str, str]:
+        if self._listed is None:
+            self.list_checkpoints(work_dir)
+        return {t: link for t, link in self._older.items() if t in names}
 
     def resume_target(self, work_dir: Path, names: set[str]) -> tuple[str | None, str]:
         if self._listed is None:
@@ -276,10 +271,16 @@ class LightningLayout(Layout):
         for c in sorted(candidates, key=lambda c: c.index, reverse=True):
             if self.format_check(work_dir / c.name)[0] is not True:
                 continue
-            found = peek(work_dir / c.name, "monitors", MAX_PICKLE, _monitors_of)
-            self._monitors = [(key, mode, c.name) for key, mode in found or []]
+            facts = read_facts(work_dir / c.name, c.stat)
+            callbacks = facts.callbacks if facts else ()
+            self._monitors = [(cb.monitor, cb.mode, c.name) for cb in callbacks if cb.monitor]
             break
         return self._monitors
+
+    def trainer_bests(
+        self, work_dir: Path, scan: WorkDirScan, records: list[EvalRecord]
+    ) -> list[TrainerBest]:
+        return lightning_bests(work_dir, scan, records, log_dirs(work_dir))
 
     def auto_metrics(
         self, work_dir: Path, scan: WorkDirScan, records: list[EvalRecord]

@@ -25,14 +25,23 @@ _CACHE: OrderedDict[tuple[str, FileStat, str], Any] = OrderedDict()
 _CACHE_SIZE = 64
 
 
-def read_inert_root(path: Path, max_pickle: int) -> Any:
-    """The inert ``data.pkl`` tree of a torch zip file (OSError, SlimError, PickleRejected)."""
+def open_inert(path: Path, max_pickle: int, extract: Callable[[Any, SourceArchive], T]) -> T:
+    """``extract(inert data.pkl tree, archive)`` of a torch zip file, with the archive still
+    open so that small records (e.g. a scalar tensor's bytes) can be read too.
+
+    Raises OSError, SlimError or PickleRejected when the file cannot be read.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         archive = SourceArchive(path, fd, os.fstat(fd).st_size)
-        return load_inert(archive.read("data.pkl", max_pickle))
+        return extract(load_inert(archive.read("data.pkl", max_pickle)), archive)
     finally:
         os.close(fd)
+
+
+def read_inert_root(path: Path, max_pickle: int) -> Any:
+    """The inert ``data.pkl`` tree of a torch zip file (OSError, SlimError, PickleRejected)."""
+    return open_inert(path, max_pickle, lambda root, _archive: root)
 
 
 def peek(path: Path, what: str, max_pickle: int, extract: Callable[[Any], T]) -> T | None:
