@@ -26,7 +26,7 @@ from ckptd.layouts.base import (
     read_pointer_file,
     tail_json_lines,
 )
-from ckptd.model import Checkpoint, EvalRecord, Problem, Skipped
+from ckptd.model import Checkpoint, EvalRecord, Problem, Skipped, TrainerBest, WorkDirScan
 
 # ASCII digits only: str.format writes no others, and e.g. 'epoch_١.pth' is not a checkpoint
 CHECKPOINT_NAME = re.compile(r"(epoch|iter)_(\d+)\.pth", re.ASCII)
@@ -171,6 +171,15 @@ class MMEngineLayout(Layout):
                 metrics[key] = raw
             out.append(EvalRecord(record.index, metrics, record.source, record.line))
         return out
+
+    def trainer_bests(
+        self, work_dir: Path, scan: WorkDirScan, records: list[EvalRecord]
+    ) -> list[TrainerBest]:
+        """CheckpointHook's best_ckpt/best_score, from the checkpoint written last (see
+        ckptd.layouts.mmengine_best); nothing when the run does not use save_best."""
+        from ckptd.layouts.mmengine_best import trainer_bests
+
+        return trainer_bests(work_dir, scan.checkpoints, records)
 
     def artifact_name(self, key: str, checkpoint: Checkpoint) -> str:
         # CheckpointHook: f'best_{key_indicator}_{ckpt_filename}' with '/' replaced by '_'

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ckptd.fsutil import FileStat
-from ckptd.safepickle import Inert, PickleRejected, load_inert, top_level
+from ckptd.safepickle import (
+    Inert,
+    PickleRejected,
+    compact_pickle,
+    load_compacted,
+    load_inert,
+    top_level,
+)
 from ckptd.slimerrors import SlimError
 from ckptd.torchzip import SourceArchive
 
@@ -25,18 +32,41 @@ _CACHE: OrderedDict[tuple[str, FileStat, str], Any] = OrderedDict()
 _CACHE_SIZE = 64
 
 
-def read_inert_root(path: Path, max_pickle: int) -> Any:
-    """The inert ``data.pkl`` tree of a torch zip file (OSError, SlimError, PickleRejected)."""
+def read_inert_root(path: Path, max_pickle: int, stream: bool = False) -> Any:
+    """The inert ``data.pkl`` tree of a torch zip file (OSError, SlimError, PickleRejected).
+
+    ``stream``: leave long str/bytes payloads in the file (``Blob`` nodes), so that a pickle
+    whose bulk is such payloads (MMEngine's message hub: numpy arrays of every iteration's
+    scalars) costs ``max_pickle`` of memory at most, whatever its size on disk.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         archive = SourceArchive(path, fd, os.fstat(fd).st_size)
-        return load_inert(archive.read("data.pkl", max_pickle))
+        if not stream:
+            return load_inert(archive.read("data.pkl", max_pickle))
+        entry = archive.entries.get("data.pkl")
+        if entry is None:
+            raise ValueError("no data.pkl record")
+        start = archive.data_offset(entry)
+
+        def read(offset: int, size: int) -> bytes:
+            return archive.pread(size, start + offset)
+
+        compacted = compact_pickle(read, entry.size, max_pickle)
+        if compacted.crc32 != entry.crc32:
+            raise ValueError("CRC mismatch in data.pkl")
+        return load_compacted(compacted, read)
     finally:
         os.close(fd)
 
 
-def peek(path: Path, what: str, max_pickle: int, extract: Callable[[Any], T]) -> T | None:
-    """``extract(inert root)`` for the file at ``path``, cached by its stat; None if unreadable."""
+def peek(
+    path: Path, what: str, max_pickle: int, extract: Callable[[Any], T], stream: bool = False
+) -> T | None:
+    """``extract(inert root)`` for the file at ``path``, cached by its stat; None if unreadable.
+
+    ``extract`` must not keep ``Blob`` nodes of a ``stream`` read: the file is closed after.
+    """
     try:
         stat = FileStat.of(os.stat(path, follow_symlinks=False))
     except OSError:
@@ -46,7 +76,7 @@ def peek(path: Path, what: str, max_pickle: int, extract: Callable[[Any], T]) ->
         _CACHE.move_to_end(key)
         return _CACHE[key]
     try:
-        value = extract(read_inert_root(path, max_pickle))
+        value = extract(read_inert_root(path, max_pickle, stream))
     except (OSError, SlimError, PickleRejected, ValueError, TypeError, KeyError):
         value = None
     _CACHE[key] = value
