@@ -45,6 +45,7 @@ class Observation:
     # Indices that have or had a checkpoint here: the only evaluations that can be best.
     checkpointed: frozenset[int] = frozenset()
     disputes: list[BestDispute] = field(default_factory=list)
+    held: dict[str, str] = field(default_factory=dict)  # Layout.trainer_holds
 
     @property
     def problems(self) -> list[Problem]:
@@ -259,4 +260,5 @@ def observe(
         notes=notes,
         checkpointed=checkpointed,
         disputes=disputes,
+        held=layout.trainer_holds(work_dir, scan),
     )

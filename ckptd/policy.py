@@ -29,6 +29,8 @@ class PolicyInput:
     now: float  # wall-clock seconds, compared with checkpoint mtimes
     # The trainer's own best and the logs' best differ: both are kept until they agree.
     disputes: tuple[BestDispute, ...] = ()
+    # (name, why) of checkpoints the trainer itself will read again (Layout.trainer_holds).
+    held: tuple[tuple[str, str], ...] = ()
 
 
 class KeepRule(Protocol):
@@ -140,6 +142,18 @@ class DisputedBest:
 
 
 @dataclass(frozen=True)
+class TrainerHeld:
+    """What the trainer will read again, e.g. the best folder it loads when training ends."""
+
+    name: ClassVar[str] = "trainer-held"
+    protects: ClassVar[bool] = True
+
+    def keeps(self, given: PolicyInput) -> dict[str, str]:
+        names = {c.name for c in given.checkpoints}
+        return {name: why for name, why in given.held if name in names}
+
+
+@dataclass(frozen=True)
 class LatestN:
     n: int
     name: ClassVar[str] = "keep_last"
@@ -190,6 +204,7 @@ def rules_for(retention: RetentionConfig) -> list[KeepRule]:
         PendingEvaluation(retention.pending_eval_grace),
         BestArtifactPending(),
         DisputedBest(),
+        TrainerHeld(),
         LatestN(retention.keep_last),
     ]
     if retention.keep_every:

@@ -53,6 +53,7 @@ def _policy_input(observation: Observation, now: float) -> PolicyInput:
         resume_target=observation.scan.resume_target,
         now=now,
         disputes=tuple(observation.disputes),
+        held=tuple(observation.held.items()),
     )
 
 

@@ -212,3 +212,24 @@ def test_metrics_follow_the_folder_written_last(tmp_path: Path) -> None:
     read = HFLayout().read_evals(out, {}, "step")
     assert read.records[-1].index == 32 and read.records[-1].metrics["eval_accuracy"] == 0.9
     assert list(read.sources) == ["checkpoint-32/trainer_state.json"]
+
+
+@pytest.mark.trainer
+def test_real_trainer_keeps_the_best_it_loads_at_the_end_across_a_resume(tmp_path: Path) -> None:
+    # load_best_model_at_end loads best_model_checkpoint when training ends, and a resumed
+    # Trainer forgets a best whose folder is gone: ckptd must not delete it, even once its own
+    # artifact of that step is written and keep_last has moved past it.
+    out = tmp_path / "work_dirs" / "bert"
+    values = ("--metric", "accuracy", "--values", "0.2,0.3,0.4,0.9,0.1,0.2,0.3,0.5")
+    first = train(out, "--epochs", "3", "--load-best", *values)
+    assert Path(first["best_model_checkpoint"]).name == "checkpoint-4"
+    text = once(tmp_path, retention={"keep_last": 1})
+    assert "the Trainer's best_model_checkpoint" in text
+    assert folders(out) == ["checkpoint-4", "checkpoint-12"]
+    resumed = train(out, "--epochs", "5", "--load-best", "--resume", *values)
+    assert resumed["best_model_checkpoint"] is not None, "the resumed Trainer lost its best"
+    assert Path(resumed["best_model_checkpoint"]).name == "checkpoint-4"
+    once(tmp_path, retention={"keep_last": 1})
+    assert folders(out) == ["checkpoint-4", "checkpoint-20"]
+    entry = manifest(out / "best")["artifacts"]["eval_accuracy"]
+    assert entry["source_checkpoint"] == "checkpoint-4" and entry["value"] == 0.9
