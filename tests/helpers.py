@@ -147,21 +147,3 @@ def python_for_uid(
             if ok.returncode == 0:
                 return python, env
     pytest.skip(f"no Python {version} here that uid {uid} may run with the venv's packages")
-
-
-def diff_seeds(default_runs: int) -> list[int]:
-    """Seeds of the differential tests' runs: ``CKPTD_DIFF_RUNS`` of them (default
-    ``default_runs``) from ``CKPTD_DIFF_SEED`` on (default 0). Replay a failure with
-    ``CKPTD_DIFF_SEED=<its seed> CKPTD_DIFF_RUNS=1``."""
-    runs = int(os.environ.get("CKPTD_DIFF_RUNS", str(default_runs)))
-    base = int(os.environ.get("CKPTD_DIFF_SEED", "0"))
-    return [base + i for i in range(runs)]
-
-
-def assert_second_once_changes_nothing(root: Path, work_dir: Path, why: str) -> None:
-    """Another ``ckptd once`` deletes and writes nothing (only ckptd's own state may change)."""
-    before = {k: v for k, v in inventory(work_dir).items() if ".ckptd" not in k}
-    code, out, err = cli("once", "-c", str(root / "ckptd.yaml"))
-    assert code == 0, f"{why}\n{out}{err}"
-    after = {k: v for k, v in inventory(work_dir).items() if ".ckptd" not in k}
-    assert after == before, f"{why}: a second ckptd once changed {set(before) ^ set(after)}"

@@ -26,11 +26,10 @@ from typing import Any
 
 import pytest
 
+from tests.differential import assert_second_once_changes_nothing, diff_seeds, draw_values, fold
 from tests.helpers import (
     REPO,
     assert_same_state_dict,
-    assert_second_once_changes_nothing,
-    diff_seeds,
     load_full,
     load_weights_only,
     manifest,
@@ -80,23 +79,6 @@ class Settings:
         if self.ema:
             out.append("--ema")
         return out
-
-
-def draw_values(rng: random.Random, n: int, greater: bool) -> tuple[list[float], str]:
-    shape = rng.choice(["random", "ties", "falling", "plateau"])
-    values = [round(rng.uniform(0.2, 0.8), 2) for _ in range(n)]
-    if shape == "ties":
-        values = [rng.choice((0.4, 0.5, 0.6)) for _ in range(n)]
-    elif shape == "falling":  # the first evaluation is the best, every later one worse
-        values.sort(reverse=greater)
-    elif shape == "plateau":
-        start = rng.randrange(n)
-        values[start:] = [values[start]] * (n - start)
-    if rng.random() < 0.35:
-        for i in rng.sample(range(n), k=min(n, rng.choice((1, 2)))):
-            values[i] = math.nan
-        shape += "+nan"
-    return values, shape
 
 
 def draw(seed: int) -> Settings:
@@ -168,24 +150,23 @@ def values_of(s: Settings, key: str, lineage: Lineage) -> dict[int, float]:
     return lineage.evaluated
 
 
-def fold(values: dict[int, float], greater: bool, among: set[int] | None = None) -> int | None:
-    """MMEngine's fold: strict improvement, NaN never better (ckptd: never a non-finite)."""
-    best, at = None, None
-    for index in sorted(values):
-        v = values[index]
-        if (among is not None and index not in among) or not math.isfinite(v):
-            continue
-        if best is None or (v > best if greater else v < best):
-            best, at = v, index
-    return at
-
-
-def trainer_record(work_dir: Path) -> dict[str, str]:
-    """best_ckpt entries of the message hub in the checkpoint MMEngine wrote last."""
+def newest_hub(work_dir: Path) -> dict[str, Any]:
+    """The message hub of the checkpoint MMEngine wrote last."""
     files = [p for p in work_dir.iterdir() if CHECKPOINT.fullmatch(p.name)]
-    newest = max(files, key=lambda p: p.stat().st_mtime_ns)
-    info = load_full(newest)["message_hub"]["runtime_info"]
-    return {k: Path(v).name for k, v in info.items() if k.startswith("best_ckpt")}
+    return load_full(max(files, key=lambda p: p.stat().st_mtime_ns))["message_hub"]
+
+
+def knowable(values: dict[int, float], hub: dict[str, Any], key: str) -> dict[int, float]:
+    """What the files say of a smoothed key (val/loss): raw values up to the newest
+    checkpoint's hub history, then what its running means give, which is nothing (NaN) for
+    an evaluation whose previous 9 values hold a NaN or an unknown."""
+    buffer = hub["log_scalars"].get(f"val/{key}")
+    saved = [] if buffer is None else list(buffer._log_history)
+    seen: list[float] = []
+    for n, index in enumerate(sorted(values)):
+        poisoned = any(map(math.isnan, seen[max(0, n - 9) : n]))
+        seen.append(values[index] if n < len(saved) or not poisoned else math.nan)
+    return dict(zip(sorted(values), seen, strict=True))
 
 
 def ckptd_config(s: Settings) -> dict[str, Any]:
@@ -201,11 +182,12 @@ def listed(work_dir: Path) -> list[int]:
 
 def check(s: Settings, work_dir: Path, lineage: Lineage, present: list[int], why: str) -> None:
     """ckptd's best = the oracle per key, artifacts = the trainer's tensors, the trainer's best
-    files all there, and the kept set = keep_last newest + resume target (+ both sides of a
-    dispute, which only a NaN in the smoothed val/loss causes: see below)."""
+    files all there, and the kept set = keep_last newest + resume target (no dispute: with the
+    hub's raw values the logs agree with the hook's record)."""
     unit = "epoch" if s.by_epoch else "iter"
     keys = s.save_best if isinstance(s.save_best, list) else None
-    record = trainer_record(work_dir)
+    hub = newest_hub(work_dir)
+    record = {k: Path(v).name for k, v in hub["runtime_info"].items() if k.startswith("best_ckpt")}
     entries = manifest(work_dir / "best")["artifacts"]
     key_default = "coco/bbox_mAP" if s.metric == "coco" else "val/loss"
     kept = set(sorted(present)[-s.keep_last :])
@@ -220,7 +202,9 @@ def check(s: Settings, work_dir: Path, lineage: Lineage, present: list[int], why
         assert fold(values, greater) == trainer_index, f"{why}\nharness table != MMEngine"
         oracle = trainer_index
         if trainer_index not in lineage.had:
-            oracle = fold(values, greater, lineage.had)  # type: ignore[assignment]
+            # A smoothed key's raw values after a NaN are in no file but the hub (see knowable)
+            known = knowable(values, hub, key) if s.metric == "loss" else values
+            oracle = fold(known, greater, lineage.had)  # type: ignore[assignment]
         entry = entries.get(key)
         assert (entry and entry["index"]) == oracle, f"{why}\n{key}: ckptd {entry}, oracle {oracle}"
         artifact = load_weights_only(work_dir / "best" / entry["file"])["state_dict"]
@@ -230,15 +214,6 @@ def check(s: Settings, work_dir: Path, lineage: Lineage, present: list[int], why
             else lineage.weights[oracle][1]
         )
         assert_same_state_dict(artifact, theirs)
-        if s.metric == "loss" and any(math.isnan(v) for v in values.values()):
-            # ckptd recovers raw val/loss from MMEngine's running means; after a NaN the means
-            # stay NaN for a window, so the logs' best is among evaluations before it; the
-            # trainer's record wins and both are kept while they differ.
-            first_nan = min(i for i, v in values.items() if math.isnan(v))
-            early = {i: v for i, v in values.items() if i < first_nan}
-            log_best = fold(early, greater, lineage.had)
-            if oracle == trainer_index and log_best not in (None, oracle):
-                kept |= {oracle, log_best}  # type: ignore[arg-type]
     kept &= set(present)
     assert listed(work_dir) == sorted(kept), f"{why}\nkept {listed(work_dir)}, policy {kept}"
     assert entry is not None and entry["unit"] == unit
