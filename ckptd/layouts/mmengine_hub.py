@@ -55,6 +55,17 @@ def _payload(value: Any) -> bytes | None:
     return None
 
 
+def _float_format(dtype: Any) -> str | None:
+    """The struct format of a pickled float numpy dtype (``dtype('f8', False, True)`` then
+    BUILD (3, byte order, ...)), or None for any other dtype."""
+    code = dtype.args[0] if isinstance(dtype, Inert) and dtype.args else None
+    if code not in _FLOAT_CODES:
+        return None
+    state = next((op[1] for op in dtype.ops or () if op[0] == "build"), None)
+    order = state[1] if isinstance(state, tuple) and len(state) > 1 else "<"
+    return (">" if order == ">" else "<") + _FLOAT_CODES[code]
+
+
 def _float_array(array: Any) -> list[float] | None:
     """A pickled 1-d float numpy array (``_reconstruct`` then BUILD (1, shape, dtype, fortran,
     raw bytes)), or None for anything else."""
@@ -64,11 +75,9 @@ def _float_array(array: Any) -> list[float] | None:
     if not isinstance(state, tuple) or len(state) != 5 or not isinstance(state[1], tuple):
         return None
     _, shape, dtype, _, raw = state
-    code = dtype.args[0] if isinstance(dtype, Inert) and dtype.args else None
-    raw = _payload(raw)
-    if code not in _FLOAT_CODES or raw is None or len(shape) != 1:
+    fmt, raw = _float_format(dtype), _payload(raw)
+    if fmt is None or raw is None or len(shape) != 1:
         return None
-    fmt = "<" + _FLOAT_CODES[code]
     if len(raw) != shape[0] * struct.calcsize(fmt):
         return None
     return [v for (v,) in struct.iter_unpack(fmt, raw)]
@@ -82,13 +91,10 @@ def _number(value: Any) -> float | None:
         return float(value)
     if not isinstance(value, Inert) or value.origin not in _NUMPY_SCALAR or len(value.args) < 2:
         return None
-    dtype, raw = value.args[0], value.args[1]
-    code = dtype.args[0] if isinstance(dtype, Inert) and dtype.args else None
-    if code not in _FLOAT_CODES or not isinstance(raw, bytes):
+    fmt, raw = _float_format(value.args[0]), _payload(value.args[1])
+    if fmt is None or raw is None:
         return None
-    raw = _payload(raw)
-    fmt = "<" + _FLOAT_CODES[code]
-    return struct.unpack(fmt, raw)[0] if raw and len(raw) == struct.calcsize(fmt) else None
+    return struct.unpack(fmt, raw)[0] if len(raw) == struct.calcsize(fmt) else None
 
 
 @dataclass(frozen=True, slots=True)
