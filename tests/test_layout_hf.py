@@ -4,7 +4,9 @@ The ``trainer`` tests run ``tests/trainers/hf_real.py`` (real ``Trainer``, ``sav
 ``eval_strategy`` 'epoch', no ``save_total_limit``) in a subprocess, then ``ckptd once``: ckptd's
 best must be ``trainer_state.json``'s ``best_model_checkpoint``, the artifact folder must hold
 that checkpoint's ``model.safetensors`` (tensor for tensor) and ``config.json`` and nothing of
-the optimizer, scheduler or RNG, and ckptd must keep exactly the newest ``keep_last`` folders.
+the optimizer, scheduler or RNG, and ckptd must keep exactly the newest ``keep_last`` folders
+and ``best_model_checkpoint`` (which the Trainer reads again). More settings:
+``tests/test_differential_hf.py``.
 The other tests build folders by hand from the reference ``trainer_state.json``.
 """
 
@@ -72,7 +74,8 @@ def test_real_trainer_best_artifact_and_kept_set(tmp_path: Path) -> None:
 
     text = once(tmp_path)
     assert "[hf]" in text and "metric_for_best_model='accuracy'" in text
-    assert folders(out) == ["checkpoint-16", "checkpoint-20"]
+    # keep_last 2, and the Trainer's best_model_checkpoint, which ckptd never deletes
+    assert folders(out) == [best, "checkpoint-16", "checkpoint-20"]
     entry = manifest(out / "best")["artifacts"]["eval_accuracy"]
     assert entry["source_checkpoint"] == best and entry["rule"] == "greater"
     assert entry["value"] == result["best_metric"]
@@ -86,7 +89,7 @@ def test_real_trainer_best_artifact_and_kept_set(tmp_path: Path) -> None:
     resumed = train(out, "--epochs", "6", "--metric", "accuracy", "--resume")
     assert resumed["global_step"] == 24
     once(tmp_path)
-    assert folders(out) == ["checkpoint-20", "checkpoint-24"]
+    assert folders(out) == [best, "checkpoint-20", "checkpoint-24"]
     assert manifest(out / "best")["artifacts"]["eval_accuracy"]["source_checkpoint"] == best
 
 

@@ -311,17 +311,17 @@ class HFLayout(Layout):
         return [TrainerBest(found[0].key, index, score, int(info["global_step"]), source)]
 
     def trainer_holds(self, work_dir: Path, scan: WorkDirScan) -> dict[str, str]:
-        """The folder ``load_best_model_at_end`` loads when training ends, and that a resumed
-        Trainer forgets as its best if it is gone ("does not exist anymore. Ignoring it")."""
+        """The folder trainer_state.json names as ``best_model_checkpoint``: what
+        ``load_best_model_at_end`` loads when training ends (if it is gone the Trainer only
+        warns and ends with the last weights), what a resumed Trainer forgets if it is gone
+        ("does not exist anymore. Ignoring it"), and what its own save_total_limit never
+        deletes. Held whichever best ckptd chooses, at the cost of at most one folder."""
         info = self._source.info if self._source else {}
         folder = info.get("best_model_checkpoint")
         if folder is None:
             return {}
-        load = self._args()[2]
-        if load is False:
-            return {}
-        why = "load_best_model_at_end" if load else f"maybe load_best_model_at_end ({ARGS} unread)"
-        return {folder: f"the Trainer's best_model_checkpoint, which {why} loads at the end"}
+        load = " (load_best_model_at_end loads it)" if self._args()[2] else ""
+        return {folder: f"the Trainer's best_model_checkpoint{load}"}
 
     def artifact_name(self, key: str, checkpoint: Checkpoint) -> str:
         return f"best_{key}_{checkpoint.unit}_{checkpoint.index}".replace("/", "_")
