@@ -164,19 +164,25 @@ class MMEngineLayout(Layout):
                 folders.append(vis_data)
         return folders
 
+    def _complete(self, path: Path) -> bool:
+        try:
+            return self.format_check(path)[0] is not False
+        except OSError:  # removed meanwhile
+            return False
+
     def _hub_raw(self, records: list[EvalRecord]) -> dict[str, list[float]]:
         """Raw values of smoothed val keys from the message hub of the checkpoint written
         last, for the keys whose logged means they reproduce (see mmengine_hub)."""
-        from ckptd.layouts.mmengine_hub import newest, read_hub
+        from ckptd.layouts.mmengine_hub import read_hub
 
         keys = {k for r in records for k in r.metrics if SMOOTHED_KEY.search(k)}
         if not keys or self._listed is None:
             return {}
         work_dir, candidates = self._listed
-        last = newest([c.as_checkpoint(True) for c in candidates])
-        if last is None or self.format_check(work_dir / last.name)[0] is False:
-            return {}
-        hub = read_hub(work_dir, last.name)
+        # The newest file may be being written (torch.save in place): then the one before it.
+        by_age = sorted(candidates, key=lambda c: (c.stat.mtime_ns, c.index), reverse=True)
+        last = next((c for c in by_age if self._complete(work_dir / c.name)), None)
+        hub = read_hub(work_dir, last.name) if last else None
         if hub is None:
             return {}
         found = {}
