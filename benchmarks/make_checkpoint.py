@@ -3,7 +3,7 @@
 ``python benchmarks/make_checkpoint.py OUT.pth --model frcnn-r50 --optimizer adamw``
 
 The keys and their contents follow what MMEngine 0.10.7's ``Runner.save_checkpoint`` writes
-(see /work/shared/DESIGN.md): ``meta`` (epoch, iter, cfg text, seed, experiment_name, time,
+(see docs/DESIGN.md): ``meta`` (epoch, iter, cfg text, seed, experiment_name, time,
 mmengine_version, dataset_meta with the 80 COCO class names), ``state_dict`` (the model's
 parameters and BatchNorm buffers), ``message_hub`` (``HistoryBuffer`` objects holding numpy
 arrays of every iteration's scalars, as MessageHub keeps them, plus runtime_info),

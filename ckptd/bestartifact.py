@@ -17,7 +17,14 @@ from ckptd.fsutil import remove_stale_temp_files
 from ckptd.layouts.base import Layout
 from ckptd.model import Best, Checkpoint
 from ckptd.observe import Observation
-from ckptd.outcome import ArtifactOutcome, PassOptions, Target, WorkDirReport
+from ckptd.outcome import (
+    ArtifactOutcome,
+    ArtifactStatus,
+    ErrorKind,
+    PassOptions,
+    Target,
+    WorkDirReport,
+)
 from ckptd.slimerrors import ArtifactWriteError
 from ckptd.state import WorkDirState, save_state
 from ckptd.units import format_size
@@ -134,21 +141,29 @@ def ensure_artifacts(
         entry = entries.get(key)
         path = _shown_path(folder, layout, best, checkpoint, entry)
         if key in observation.ready:
-            report.artifacts.append(ArtifactOutcome(key, best, path, "unchanged", entry=entry))
+            report.artifacts.append(
+                ArtifactOutcome(key, best, path, ArtifactStatus.UNCHANGED, entry=entry)
+            )
             continue
         if checkpoint is None:
             detail = (
                 f"the best {best.key}={best.value:g} is at {best.index}, whose checkpoint is no "
                 "longer in the work_dir; the artifact stays at the previous best"
             )
-            report.artifacts.append(ArtifactOutcome(key, best, path, "missing", detail, entry))
+            report.artifacts.append(
+                ArtifactOutcome(key, best, path, ArtifactStatus.MISSING, detail, entry)
+            )
             continue
         if not checkpoint.complete:
             detail = f"{checkpoint.name} is {checkpoint.incomplete_reason}; will slim it then"
-            report.artifacts.append(ArtifactOutcome(key, best, path, "deferred", detail, entry))
+            report.artifacts.append(
+                ArtifactOutcome(key, best, path, ArtifactStatus.DEFERRED, detail, entry)
+            )
             continue
         if dry_run:
-            report.artifacts.append(ArtifactOutcome(key, best, path, "would write", entry=entry))
+            report.artifacts.append(
+                ArtifactOutcome(key, best, path, ArtifactStatus.WOULD_WRITE, entry=entry)
+            )
             continue
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -163,11 +178,15 @@ def ensure_artifacts(
         except (SlimError, OSError) as exc:
             ok = False
             message = _artifact_error(exc, folder, checkpoint)
-            report.error("slim", message)
-            report.artifacts.append(ArtifactOutcome(key, best, path, "failed", message, entry))
+            report.error(ErrorKind.SLIM, message)
+            report.artifacts.append(
+                ArtifactOutcome(key, best, path, ArtifactStatus.FAILED, message, entry)
+            )
             continue
         report.artifacts.append(
-            ArtifactOutcome(key, best, folder / new.file, "written", entry=new, seconds=seconds)
+            ArtifactOutcome(
+                key, best, folder / new.file, ArtifactStatus.WRITTEN, entry=new, seconds=seconds
+            )
         )
     # Until every best has an artifact in the manifest, a file a crash kept out of it may be
     # the only complete artifact there is: remove nothing yet.

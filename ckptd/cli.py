@@ -1,7 +1,8 @@
 """``ckptd run | once | status | slim | check | demo``.
 
-Heavy modules (pydantic, watchdog, torch) are imported inside the commands that need them, so
-``ckptd --help`` and ``ckptd slim`` start fast. Exit codes: 0 ok, 1 a work_dir had errors (the
+Heavy modules (pydantic, watchdog) are imported inside the commands that need them, so
+``ckptd --help`` and ``ckptd slim`` start fast; torch is never imported (only ``ckptd demo``'s
+trainer, a child process, uses it). Exit codes: 0 ok, 1 a work_dir had errors (the
 others were still processed), 2 usage or config error.
 """
 
@@ -252,8 +253,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ckptd.demo import run_demo
+    from ckptd.demo import missing_requirements, run_demo
 
+    advice = missing_requirements()
+    if advice is not None:
+        print(advice, file=sys.stderr)
+        return EXIT_USAGE
     return run_demo(keep=args.keep, epochs=args.epochs, delay=args.delay)
 
 

@@ -22,19 +22,14 @@ from ckptd.config import ConfigError, LoadedConfig, load_config
 from ckptd.fsutil import FileStat
 from ckptd.layouts import LayoutError, choose_layout
 from ckptd.metrics import DaemonMetrics
+from ckptd.outcome import SkipReason
 from ckptd.reconcile import PassOptions, Target, WorkDirReport, reconcile
 from ckptd.report import log_actions, metrics_of
-from ckptd.schedule import (
-    BUSY_RETRY,
-    DEBOUNCE,
-    WorkDirSlot,
-    backoff,
-    folder_stamps,
-    recheck_time,
-)
+from ckptd.schedule import WorkDirSlot, folder_stamps, recheck_time
 from ckptd.sdnotify import Notifier, watchdog_interval
 from ckptd.state import WorkDirLock
 from ckptd.targets import discover, discovery_folders
+from ckptd.timings import TIMINGS, Timings
 from ckptd.units import format_size
 from ckptd.watch import Change, Watcher, watch_plan
 
@@ -43,12 +38,6 @@ if TYPE_CHECKING:
     from ckptd.publishqueue import PublishQueue
 
 log = logging.getLogger("ckptd.daemon")
-
-REDISCOVER_EVERY = 10.0  # new work_dirs under globs whose parents are not watched
-LOOP_STALE_AFTER = 30.0  # the loop wakes at least every second; 30 s means it is stuck
-STOP_GRACE = 8.0  # SIGTERM: in-flight work gets this long; systemd's default is 90 s
-# A folder modified this recently may change again within its mtime's granularity: not cached.
-SETTLED_FOLDER = 2.0
 
 
 class Cancelled(Exception):
@@ -72,8 +61,10 @@ class Daemon:
         notifier: Notifier | None = None,
         on_report: Callable[[WorkDirReport], None] | None = None,
         metrics: DaemonMetrics | None = None,
+        timings: Timings = TIMINGS,
     ) -> None:
         self.loaded = loaded
+        self.timings = timings
         self.notifier = notifier or Notifier()
         self.on_report = on_report
         self.metrics = metrics
@@ -100,7 +91,7 @@ class Daemon:
     def request_stop(self) -> None:
         with self._cond:
             if not self._stop.is_set():
-                self._stop_deadline = time.monotonic() + STOP_GRACE
+                self._stop_deadline = time.monotonic() + self.timings.stop_grace
                 self._stop.set()
             self._cond.notify_all()
 
@@ -118,11 +109,13 @@ class Daemon:
         with self._cond:
             slot = self.slots.get(change.root)
             if slot is None:
-                self._rediscover_at = min(self._rediscover_at, time.monotonic() + DEBOUNCE)
+                self._rediscover_at = min(
+                    self._rediscover_at, time.monotonic() + self.timings.debounce
+                )
             else:
                 if change.closed_after_write:
                     self._remember_close(slot, change.path)
-                self._mark_due(slot, time.monotonic() + DEBOUNCE)
+                self._mark_due(slot, time.monotonic() + self.timings.debounce)
             self._cond.notify_all()
 
     @staticmethod
@@ -170,7 +163,7 @@ class Daemon:
         self._sync_watches()
         if self.metrics:
             self.metrics.set_watched(len(self.slots))
-        self._rediscover_at = time.monotonic() + REDISCOVER_EVERY
+        self._rediscover_at = time.monotonic() + self.timings.rediscover_every
 
     def _sync_watches(self) -> None:
         per_dir = []
@@ -187,7 +180,7 @@ class Daemon:
                 layout = None
             folders = layout.watch_folders(path) if layout else [path]
             stamps = folder_stamps(folders)
-            recent = time.time() - SETTLED_FOLDER
+            recent = time.time() - self.timings.settled_folder  # may still change: not cached
             if layout is not None and stamps and max(stamps) < recent * 1e9:
                 cache[path] = (stamps, folders)
             per_dir.append((path, folders))
@@ -290,7 +283,7 @@ class Daemon:
             if next_due is not None:
                 self._mark_due(slot, next_due)
             if slot.again:
-                self._mark_due(slot, now + DEBOUNCE)
+                self._mark_due(slot, now + self.timings.debounce)
             self._cond.notify_all()
         if report is not None and self.metrics:
             self.metrics.record_pass(**metrics_of(report))
@@ -339,19 +332,19 @@ class Daemon:
                 log_actions(report, log, slot.last_report)
                 slot.last_report = report
             slot.failures += 1
-            return now + backoff(slot.failures)
+            return now + self.timings.backoff(slot.failures)
         slot.failures = 0
-        if report.skipped.startswith("locked"):
+        if report.skip is SkipReason.LOCKED:
             if report.skipped != slot.busy_holder:
                 log.warning(report.skipped, extra=_f(slot.target.work_dir, action="skip"))
                 slot.busy_holder = report.skipped
-            return now + BUSY_RETRY
+            return now + self.timings.busy_retry
         slot.busy_holder = ""
         log_actions(report, log, slot.last_report)
         slot.last_ok = time.time()
         self.health.last_success = slot.last_ok
         slot.last_report = report
-        return recheck_time(report, self.loaded.config.watch.settle, now)
+        return recheck_time(report, now, self.timings)
 
     def _check_first_pass(self) -> None:
         if self.health.first_pass_done:
@@ -374,7 +367,7 @@ class Daemon:
         if not self.health.first_pass_done:
             return False, "starting: first reconcile in progress"
         stale = time.monotonic() - self.health.last_tick
-        if stale > LOOP_STALE_AFTER:
+        if stale > self.timings.loop_stale_after:
             return False, f"main loop has not run for {stale:.0f} s"
         return True, self.status_line()
 

@@ -7,6 +7,7 @@ runs here and logs every keep, slim and delete as it happens.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shutil
 import subprocess
@@ -38,6 +39,15 @@ watch:
 """
 # mAP per epoch: rises, dips, peaks at epoch 8, then overfits.
 METRIC = "0.12,0.21,0.29,0.27,0.34,0.38,0.36,0.41,0.39,0.40,0.37,0.38"
+# What the simulated trainer imports: the `demo` extra, which a plain `pip install ckptd` lacks.
+TRAINER_MODULES = ("torch", "numpy")
+# The CPU index first: resolving `ckptd[demo]`'s bare torch requirement from PyPI pulls CUDA.
+INSTALL_ADVICE = """\
+ckptd demo: the simulated trainer needs {missing}, which a plain `pip install ckptd` does not
+install (the daemon itself never imports them). Install a CPU torch first, then the demo extra:
+  pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+  pip install 'ckptd[demo]'      # from a checkout: pip install -e '.[demo]'  (or: make demo)
+A bare `pip install torch` from PyPI would pull a multi-GB CUDA build."""
 
 
 @dataclass
@@ -76,6 +86,23 @@ def _summary(tally: DemoTally, work_dir: Path, elapsed: float) -> str:
         saved = 1 - (remaining + artifact_bytes) / written
         lines.append(f"  space saved        {saved:.0%}")
     return "\n".join(lines)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_requirements() -> str | None:
+    """Install advice when the trainer's modules are missing, else None.
+
+    Looked up, not imported: the daemon half of the demo runs in this process and, like the
+    real daemon, has no use for torch's 1.4 s import.
+    """
+    missing = [m for m in TRAINER_MODULES if not _importable(m)]
+    return INSTALL_ADVICE.format(missing=" and ".join(missing)) if missing else None
 
 
 def run_demo(keep: bool = False, epochs: int = 12, delay: float = 1.2) -> int:

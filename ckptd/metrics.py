@@ -33,6 +33,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from ckptd import __version__
+from ckptd.outcome import ErrorKind
 
 __all__ = [
     "ERROR_KINDS",
@@ -48,7 +49,7 @@ SLIM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120
 # A pass with nothing to do is a directory scan (ms); one that slims takes as long as the slim.
 RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 # Kinds pre-set to 0 for every work_dir, so that rate()/increase() see the first error.
-ERROR_KINDS = ("config", "delete", "input", "io", "lock", "slim")
+ERROR_KINDS = tuple(str(kind) for kind in ErrorKind)
 
 
 @dataclass(slots=True)

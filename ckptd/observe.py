@@ -23,11 +23,8 @@ from ckptd.fsutil import FileStat
 from ckptd.layouts.base import Layout, PointerUnreadable, SourceState
 from ckptd.model import Best, BestDispute, EvalRecord, Problem, TrainerBest, WorkDirScan
 from ckptd.state import WorkDirState
+from ckptd.timings import TIMINGS
 from ckptd.units import format_duration
-
-# A checkpoint still incomplete after this long is not being written: it is broken. Writers
-# touch mtime continuously, so even a slow NFS write of a huge file never looks this stale.
-STALE_INCOMPLETE_AFTER = 300.0
 
 
 @dataclass(slots=True)
@@ -45,7 +42,10 @@ class Observation:
     # Indices that have or had a checkpoint here: the only evaluations that can be best.
     checkpointed: frozenset[int] = frozenset()
     disputes: list[BestDispute] = field(default_factory=list)
-    held: dict[str, str] = field(default_factory=dict)  # Layout.trainer_holds
+    trainer_holds: dict[str, str] = field(default_factory=dict)  # Layout.trainer_holds
+    # When a checkpoint judged incomplete here should be judged again (wall clock): the
+    # moment a young file is `settle` old, or soon for one still being written.
+    changes_at: float | None = None
 
     @property
     def problems(self) -> list[Problem]:
@@ -73,6 +73,7 @@ def _judge_completeness(
     settle: float,
     now: float,
     closed: Mapping[str, FileStat],
+    moments: list[float],
 ) -> dict[str, FileStat]:
     still_verified: dict[str, FileStat] = {}
     for candidate in candidates:
@@ -84,6 +85,7 @@ def _judge_completeness(
         if age < settle and closed.get(candidate.name) != candidate.stat:
             reason = f"modified {format_duration(max(age, 0))} ago, waiting for writes to settle"
             scan.checkpoints.append(candidate.as_checkpoint(False, reason))
+            moments.append(candidate.stat.mtime_ns / 1e9 + settle)
             continue
         try:
             verdict, reason = layout.format_check(work_dir / candidate.name)
@@ -91,7 +93,8 @@ def _judge_completeness(
             verdict, reason = False, f"cannot read: {exc.strerror}"
         if verdict is False:
             scan.checkpoints.append(candidate.as_checkpoint(False, reason))
-            if age > STALE_INCOMPLETE_AFTER:
+            moments.append(now + max(settle, 0.5))  # still being written: look again soon
+            if age > TIMINGS.stale_incomplete_after:
                 scan.problems.append(
                     Problem(
                         candidate.name,
@@ -213,8 +216,9 @@ def observe(
 ) -> Observation:
     scan = WorkDirScan(work_dir=work_dir, layout=layout.name)
     candidates, scan.skipped = layout.list_checkpoints(work_dir)
+    moments: list[float] = []
     verified = _judge_completeness(
-        layout, work_dir, scan, candidates, state.verified, settle, now, closed or {}
+        layout, work_dir, scan, candidates, state.verified, settle, now, closed or {}, moments
     )
     scan.checkpoints.sort(key=lambda c: c.index)
     names = {c.name for c in scan.checkpoints}
@@ -260,5 +264,6 @@ def observe(
         notes=notes,
         checkpointed=checkpointed,
         disputes=disputes,
-        held=layout.trainer_holds(work_dir, scan),
+        trainer_holds=layout.trainer_holds(work_dir, scan),
+        changes_at=min(moments, default=None),
     )

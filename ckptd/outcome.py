@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,12 +35,39 @@ class Target:
         )
 
 
+class ArtifactStatus(StrEnum):
+    UNCHANGED = "unchanged"  # the artifact already holds the best
+    WRITTEN = "written"
+    WOULD_WRITE = "would write"  # dry run
+    DEFERRED = "deferred"  # the best's checkpoint is not complete yet
+    FAILED = "failed"
+    MISSING = "missing"  # the best's checkpoint is gone: nothing to slim
+
+
+class ErrorKind(StrEnum):
+    """What went wrong in a pass; the ``kind`` label of ckptd_errors_total."""
+
+    CONFIG = "config"  # the project or layout cannot apply to this work_dir
+    INPUT = "input"  # bad input found in the work_dir (logs, checkpoints, pointers)
+    IO = "io"  # the work_dir or ckptd's state could not be read or written
+    SLIM = "slim"  # a best artifact could not be written
+    DELETE = "delete"  # a planned deletion failed
+    PUBLISH = "publish"  # artifact.publish failed
+
+
+class SkipReason(StrEnum):
+    """Why a pass did not act on a work_dir at all."""
+
+    LOCKED = "locked"  # another ckptd holds the work_dir's lock
+    NO_LAYOUT = "no_layout"  # the folder matches no supported trainer's layout
+
+
 @dataclass(slots=True)
 class ArtifactOutcome:
     key: str
     best: Best
     path: Path
-    status: str  # "unchanged" | "written" | "would write" | "deferred" | "failed" | "missing"
+    status: ArtifactStatus
     detail: str = ""
     entry: ArtifactEntry | None = None
     seconds: float = 0.0  # time spent slimming, when written
@@ -61,9 +89,10 @@ class WorkDirReport:
     artifacts: list[ArtifactOutcome] = field(default_factory=list)
     deletions: list[DeleteOutcome] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    error_kinds: list[str] = field(default_factory=list)  # metrics.ERROR_KINDS
+    error_kinds: list[ErrorKind] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    skipped: str = ""  # why the work_dir was not acted on at all (busy, not a work_dir)
+    skip: SkipReason | None = None  # the work_dir was not acted on at all ...
+    skipped: str = ""  # ... and what to tell the user about it
     dry_run: bool = False
     seconds: float = 0.0
     reclaimed_bytes: int = 0  # this pass
@@ -74,9 +103,26 @@ class WorkDirReport:
     def failed(self) -> bool:
         return bool(self.errors)
 
-    def error(self, kind: str, message: str) -> None:
+    @property
+    def changes_at(self) -> float | None:
+        """The earliest wall-clock moment this pass's outcome changes by time alone: a file
+        becomes old enough to trust, or a keep rule's answer runs out (pending_eval_grace)."""
+        moments = [
+            t
+            for t in (
+                self.observation.changes_at if self.observation else None,
+                self.plan.changes_at if self.plan else None,
+            )
+            if t is not None
+        ]
+        return min(moments, default=None)
+
+    def error(self, kind: ErrorKind, message: str) -> None:
         self.errors.append(message)
         self.error_kinds.append(kind)
+
+    def skipped_because(self, reason: SkipReason, text: str) -> None:
+        self.skip, self.skipped = reason, text
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,18 +4,53 @@ Each rule is a small class with one job that returns the checkpoints it keeps an
 Orbax's preservation policies). ``plan`` unions them, like ``borg prune --list``: every keep
 names the rules that keep it, every delete says why nothing kept it. Protecting rules (safety)
 can never be overridden; preference rules (keep_last, keep_every, keep_best_full) yield to
-``max_total_size``, oldest first.
+``max_total_size``, oldest first. Decisions are values (an ``Action`` and ``Reason``s whose
+rule ids are the config's own names); ``ckptd.explain`` turns them into text where shown.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from enum import StrEnum
+from typing import Any, ClassVar, Protocol
 
 from ckptd.config import RetentionConfig
 from ckptd.model import BestDispute, Checkpoint
-from ckptd.units import format_duration, format_size
+
+
+class Action(StrEnum):
+    KEEP = "keep"
+    DELETE = "delete"
+    # Nothing keeps it, but an error in this pass (bad input, an artifact not written) holds
+    # every deletion of the work_dir back: it is not deleted, and says why.
+    HOLD = "hold"
+
+
+class RuleId(StrEnum):
+    """Why a checkpoint is kept or deleted; the ids are the config's names where it has one."""
+
+    BEING_WRITTEN = "being_written"
+    NEWEST = "newest"
+    RESUME_POINTER = "resume_pointer"
+    PENDING_EVALUATION = "pending_evaluation"
+    BEST_ARTIFACT_PENDING = "best_artifact_pending"
+    BEST_DISPUTED = "best_disputed"
+    TRAINER_HOLDS = "trainer_holds"
+    KEEP_LAST = "keep_last"
+    KEEP_EVERY = "keep_every"
+    KEEP_BEST_FULL = "keep_best_full"
+    # why a checkpoint goes: no rule kept it, or the size budget overrode the rules that did
+    NOT_KEPT = "not_kept"
+    MAX_TOTAL_SIZE = "max_total_size"
+    # why a deletion waits: errors of this pass
+    HELD_BY_ERRORS = "held_by_errors"
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    rule: RuleId
+    detail: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,16 +65,30 @@ class PolicyInput:
     # The trainer's own best and the logs' best differ: both are kept until they agree.
     disputes: tuple[BestDispute, ...] = ()
     # (name, why) of checkpoints the trainer itself will read again (Layout.trainer_holds).
-    held: tuple[tuple[str, str], ...] = ()
+    trainer_holds: tuple[tuple[str, str], ...] = ()
 
 
 class KeepRule(Protocol):
-    name: str
+    rule: RuleId
     protects: bool
 
-    def keeps(self, given: PolicyInput) -> dict[str, str]:
+    def keeps(self, given: PolicyInput) -> dict[str, list[Reason]]:
         """Map checkpoint name -> why this rule keeps it."""
         ...
+
+    def changes_at(self, given: PolicyInput) -> float | None:
+        """The wall-clock moment this rule's answer changes with no new input (None: never).
+
+        The daemon's scheduler passes again at the earliest such moment of all rules, so
+        time-based rules need no second clock elsewhere."""
+        ...
+
+
+class Timeless:
+    """Rules whose answer changes only when the work_dir does."""
+
+    def changes_at(self, given: PolicyInput) -> float | None:
+        return None
 
 
 def _complete(given: PolicyInput) -> list[Checkpoint]:
@@ -47,37 +96,37 @@ def _complete(given: PolicyInput) -> list[Checkpoint]:
 
 
 @dataclass(frozen=True)
-class BeingWritten:
-    name: ClassVar[str] = "being-written"
+class BeingWritten(Timeless):
+    rule: ClassVar[RuleId] = RuleId.BEING_WRITTEN
     protects: ClassVar[bool] = True
 
-    def keeps(self, given: PolicyInput) -> dict[str, str]:
+    def keeps(self, given: PolicyInput) -> dict[str, list[Reason]]:
         return {
-            c.name: f"not complete ({c.incomplete_reason or 'still being written'})"
+            c.name: [Reason(self.rule, {"why": c.incomplete_reason or "still being written"})]
             for c in given.checkpoints
             if not c.complete
         }
 
 
 @dataclass(frozen=True)
-class NewestComplete:
-    name: ClassVar[str] = "newest"
+class NewestComplete(Timeless):
+    rule: ClassVar[RuleId] = RuleId.NEWEST
     protects: ClassVar[bool] = True
 
-    def keeps(self, given: PolicyInput) -> dict[str, str]:
+    def keeps(self, given: PolicyInput) -> dict[str, list[Reason]]:
         complete = _complete(given)
-        return {complete[-1].name: "newest complete checkpoint"} if complete else {}
+        return {complete[-1].name: [Reason(self.rule)]} if complete else {}
 
 
 @dataclass(frozen=True)
-class ResumePointer:
-    name: ClassVar[str] = "resume"
+class ResumePointer(Timeless):
+    rule: ClassVar[RuleId] = RuleId.RESUME_POINTER
     protects: ClassVar[bool] = True
 
-    def keeps(self, given: PolicyInput) -> dict[str, str]:
+    def keeps(self, given: PolicyInput) -> dict[str, list[Reason]]:
         target = given.resume_target
         names = {c.name for c in given.checkpoints}
-        return {target: "resume pointer of the trainer"} if target in names else {}
+        return {target: [Reason(self.rule)]} if target in names else {}
 
 
 @dataclass(frozen=True)
@@ -85,115 +134,125 @@ class PendingEvaluation:
     """Kept until its evaluation arrives, a later epoch is evaluated, or the grace period ends."""
 
     grace_seconds: float
-    name: ClassVar[str] = "pending-eval"
+    rule: ClassVar[RuleId] = RuleId.PENDING_EVALUATION
     protects: ClassVar[bool] = True
 
-    def keeps(self, given: PolicyInput) -> dict[str, str]:
-        kept = {}
+    def _waiting(self, given: PolicyInput) -> dict[str, float]:
+        """Checkpoint name -> the wall-clock end of its grace, for those still waiting."""
+        waiting = {}
         for c in given.checkpoints:
             if c.index in given.evaluated:
                 continue
             if given.latest_evaluated is not None and given.latest_evaluated > c.index:
                 continue  # with val_interval > 1 some epochs are never evaluated
-            age = given.now - c.stat.mtime_ns / 1e9
-            left = self.grace_seconds - age
-            if left > 0:
-                kept[c.name] = f"waiting for its evaluation ({format_duration(round(left))} left)"
-        return kept
+            ends = c.stat.mtime_ns / 1e9 + self.grace_seconds
+            if ends > given.now:
+                waiting[c.name] = ends
+        return waiting
+
+    def keeps(self, given: PolicyInput) -> dict[str, list[Reason]]:
+        return {
+            name: [Reason(self.rule, {"seconds_left": round(ends - given.now)})]
+            for name, ends in self._waiting(given).items()
+        }
+
+    def changes_at(self, given: PolicyInput) -> float | None:
+        return min(self._waiting(given).values(), default=None)
 
 
 @dataclass(frozen=True)
-class BestArtifactPending:
+class BestArtifactPending(Timeless):
     """The best checkpoint stays until its slim artifact is durable."""
 
-    name: ClassVar[str] = "best-pending"
+    rule: ClassVar[RuleId] = RuleId.BEST_ARTIFACT_PENDING
     protects: ClassVar[bool] = True
 
-    def keeps(self, given: PolicyInput) -> dict[str, str]:
-        kept: dict[str, str] = {}
+    def keeps(self, given: PolicyInput) -> dict[str, list[Reason]]:
+        kept: dict[str, list[Reason]] = {}
         for key, index in given.best.items():
             if key in given.artifact_ready:
                 continue
             for c in given.checkpoints:
                 if c.index == index:
-                    kept[c.name] = _join(kept.get(c.name), f"best {key}, artifact not written yet")
+                    kept.setdefault(c.name, []).append(Reason(self.rule, {"metric": key}))
         return kept
 
 
 @dataclass(frozen=True)
-class DisputedBest:
+class DisputedBest(Timeless):
     """When the trainer's recorded best and the logs' best differ, neither is deleted."""
 
-    name: ClassVar[str] = "best-disputed"
+    rule: ClassVar[RuleId] = RuleId.BEST_DISPUTED
     protects: ClassVar[bool] = True
 
-    def keeps(self, given: PolicyInput) -> dict[str, str]:
-        kept: dict[str, str] = {}
+    def keeps(self, given: PolicyInput) -> dict[str, list[Reason]]:
+        kept: dict[str, list[Reason]] = {}
         for d in given.disputes:
             for c in given.checkpoints:
                 if c.index in (d.trainer_index, d.log_index):
-                    who = "the trainer's" if c.index == d.trainer_index else "the logs'"
-                    kept[c.name] = _join(
-                        kept.get(c.name),
-                        f"{who} best {d.key} while the trainer ({d.trainer_index}) and its "
-                        f"logs ({d.log_index}) disagree",
-                    )
+                    detail = {
+                        "metric": d.key,
+                        "holder": "trainer" if c.index == d.trainer_index else "log",
+                        "trainer_index": d.trainer_index,
+                        "log_index": d.log_index,
+                        "source": d.source,
+                    }
+                    kept.setdefault(c.name, []).append(Reason(self.rule, detail))
         return kept
 
 
 @dataclass(frozen=True)
-class TrainerHeld:
-    """What the trainer will read again, e.g. the best folder it loads when training ends."""
+class TrainerHolds(Timeless):
+    """What the trainer will read again (``Layout.trainer_holds``), e.g. the folder the HF
+    Trainer loads when training ends: never deleted, whichever best ckptd chooses."""
 
-    name: ClassVar[str] = "trainer-held"
+    rule: ClassVar[RuleId] = RuleId.TRAINER_HOLDS
     protects: ClassVar[bool] = True
 
-    def keeps(self, given: PolicyInput) -> dict[str, str]:
+    def keeps(self, given: PolicyInput) -> dict[str, list[Reason]]:
         names = {c.name for c in given.checkpoints}
-        return {name: why for name, why in given.held if name in names}
-
-
-@dataclass(frozen=True)
-class LatestN:
-    n: int
-    name: ClassVar[str] = "keep_last"
-    protects: ClassVar[bool] = False
-
-    def keeps(self, given: PolicyInput) -> dict[str, str]:
-        newest = list(reversed(_complete(given)))[: self.n]
-        return {c.name: f"keep_last #{i}" for i, c in enumerate(newest, 1)}
-
-
-@dataclass(frozen=True)
-class EveryNth:
-    k: int
-    name: ClassVar[str] = "keep_every"
-    protects: ClassVar[bool] = False
-
-    def keeps(self, given: PolicyInput) -> dict[str, str]:
         return {
-            c.name: f"keep_every {self.k} ({c.unit} {c.index})"
+            n: [Reason(self.rule, {"why": why})] for n, why in given.trainer_holds if n in names
+        }
+
+
+@dataclass(frozen=True)
+class LatestN(Timeless):
+    n: int
+    rule: ClassVar[RuleId] = RuleId.KEEP_LAST
+    protects: ClassVar[bool] = False
+
+    def keeps(self, given: PolicyInput) -> dict[str, list[Reason]]:
+        newest = list(reversed(_complete(given)))[: self.n]
+        return {c.name: [Reason(self.rule, {"rank": i})] for i, c in enumerate(newest, 1)}
+
+
+@dataclass(frozen=True)
+class EveryNth(Timeless):
+    k: int
+    rule: ClassVar[RuleId] = RuleId.KEEP_EVERY
+    protects: ClassVar[bool] = False
+
+    def keeps(self, given: PolicyInput) -> dict[str, list[Reason]]:
+        return {
+            c.name: [Reason(self.rule, {"every": self.k, "unit": c.unit, "index": c.index})]
             for c in given.checkpoints
             if c.index % self.k == 0
         }
 
 
 @dataclass(frozen=True)
-class BestFull:
-    name: ClassVar[str] = "keep_best_full"
+class BestFull(Timeless):
+    rule: ClassVar[RuleId] = RuleId.KEEP_BEST_FULL
     protects: ClassVar[bool] = False
 
-    def keeps(self, given: PolicyInput) -> dict[str, str]:
-        kept: dict[str, str] = {}
+    def keeps(self, given: PolicyInput) -> dict[str, list[Reason]]:
+        kept: dict[str, list[Reason]] = {}
         for key, index in given.best.items():
             for c in given.checkpoints:
                 if c.index == index:
-                    kept[c.name] = _join(kept.get(c.name), f"keep_best_full ({key})")
+                    kept.setdefault(c.name, []).append(Reason(self.rule, {"metric": key}))
         return kept
-
-
-def _join(existing: str | None, reason: str) -> str:
-    return f"{existing}; {reason}" if existing else reason
 
 
 def rules_for(retention: RetentionConfig) -> list[KeepRule]:
@@ -204,7 +263,7 @@ def rules_for(retention: RetentionConfig) -> list[KeepRule]:
         PendingEvaluation(retention.pending_eval_grace),
         BestArtifactPending(),
         DisputedBest(),
-        TrainerHeld(),
+        TrainerHolds(),
         LatestN(retention.keep_last),
     ]
     if retention.keep_every:
@@ -217,31 +276,49 @@ def rules_for(retention: RetentionConfig) -> list[KeepRule]:
 @dataclass(frozen=True, slots=True)
 class Decision:
     checkpoint: Checkpoint
-    keep: bool
-    reasons: tuple[str, ...]  # why kept (one per rule), or why deleted
+    action: Action
+    reasons: tuple[Reason, ...]  # why kept (one per rule), or why deleted / held
     protected: bool = False
+
+    @property
+    def keep(self) -> bool:
+        return self.action is Action.KEEP
+
+    @property
+    def rules(self) -> tuple[RuleId, ...]:
+        return tuple(r.rule for r in self.reasons)
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
     decisions: tuple[Decision, ...]
-    notes: tuple[str, ...] = field(default=())
+    # Protected checkpoints alone hold more than max_total_size: (held bytes, budget).
+    over_budget: tuple[int, int] | None = None
+    # The earliest wall-clock moment a rule's answer changes by time alone (None: never).
+    changes_at: float | None = None
+
+    def with_action(self, action: Action) -> list[Decision]:
+        return [d for d in self.decisions if d.action is action]
 
     @property
     def deletions(self) -> list[Decision]:
-        return [d for d in self.decisions if not d.keep]
+        return self.with_action(Action.DELETE)
+
+    @property
+    def held(self) -> list[Decision]:
+        return self.with_action(Action.HOLD)
 
     @property
     def kept(self) -> list[Decision]:
-        return [d for d in self.decisions if d.keep]
+        return self.with_action(Action.KEEP)
 
 
 def _apply_budget(
     decisions: list[Decision], budget: int, best_indices: set[int]
-) -> tuple[list[Decision], list[str]]:
+) -> tuple[list[Decision], tuple[int, int] | None]:
     held = sum(d.checkpoint.stat.size for d in decisions if d.keep)
     if held <= budget:
-        return decisions, []
+        return decisions, None
     # Oldest first; a best epoch's full checkpoint goes last because the user asked to keep it.
     candidates = sorted(
         (i for i, d in enumerate(decisions) if d.keep and not d.protected),
@@ -254,53 +331,61 @@ def _apply_budget(
         if held <= budget:
             break
         d = decisions[i]
-        reason = (
-            f"over max_total_size {format_size(budget)} ({format_size(held)} held); "
-            f"would otherwise be kept by {', '.join(d.reasons)}"
+        detail = {"budget": budget, "held": held, "overrides": d.reasons}
+        decisions[i] = Decision(
+            d.checkpoint, Action.DELETE, (Reason(RuleId.MAX_TOTAL_SIZE, detail),)
         )
-        decisions[i] = Decision(d.checkpoint, False, (reason,))
         held -= d.checkpoint.stat.size
-    notes = []
-    if held > budget:
-        notes.append(
-            f"protected checkpoints alone hold {format_size(held)}, more than max_total_size "
-            f"{format_size(budget)}; nothing more can be deleted safely (raise the budget or "
-            "free space elsewhere)"
-        )
-    return decisions, notes
+    return decisions, ((held, budget) if held > budget else None)
 
 
-def _delete_reason(c: Checkpoint, given: PolicyInput, retention: RetentionConfig) -> str:
-    parts = [f"older than the {retention.keep_last} newest"]
-    if retention.keep_every:
-        parts.append(f"{c.index} is not a multiple of keep_every {retention.keep_every}")
+def _delete_reason(c: Checkpoint, given: PolicyInput, retention: RetentionConfig) -> Reason:
     if c.index in given.evaluated:
-        parts.append("evaluated")
+        evaluation = "evaluated"
     elif given.latest_evaluated is not None and given.latest_evaluated > c.index:
-        parts.append(f"not evaluated, a later {c.unit} was")
+        evaluation = "later_evaluated"
     else:
-        parts.append("no evaluation within pending_eval_grace")
-    return "; ".join(parts)
+        evaluation = "grace_over"
+    detail = {
+        "keep_last": retention.keep_last,
+        "keep_every": retention.keep_every,
+        "unit": c.unit,
+        "index": c.index,
+        "evaluation": evaluation,
+    }
+    return Reason(RuleId.NOT_KEPT, detail)
 
 
-def plan(given: PolicyInput, retention: RetentionConfig) -> Plan:
-    reasons: dict[str, list[str]] = {c.name: [] for c in given.checkpoints}
+def plan(given: PolicyInput, retention: RetentionConfig, held_by: Sequence[str] = ()) -> Plan:
+    """Keep, delete or hold each checkpoint. ``held_by``: the error kinds of this pass that
+    forbid deleting anything in the work_dir; every deletion becomes a hold naming them."""
+    reasons: dict[str, list[Reason]] = {c.name: [] for c in given.checkpoints}
     protected: set[str] = set()
-    for rule in rules_for(retention):
+    rules = rules_for(retention)
+    moments = [t for t in (rule.changes_at(given) for rule in rules) if t is not None]
+    for rule in rules:
         for name, why in rule.keeps(given).items():
-            reasons[name].append(why)
+            reasons[name].extend(why)
             if rule.protects:
                 protected.add(name)
     decisions = []
     for c in sorted(given.checkpoints, key=lambda c: c.index, reverse=True):
         why = reasons[c.name]
         if why:
-            decisions.append(Decision(c, True, tuple(why), c.name in protected))
+            decisions.append(Decision(c, Action.KEEP, tuple(why), c.name in protected))
         else:
-            decisions.append(Decision(c, False, (_delete_reason(c, given, retention),)))
-    notes: list[str] = []
+            decisions.append(Decision(c, Action.DELETE, (_delete_reason(c, given, retention),)))
+    over_budget = None
     if retention.max_total_size is not None:
-        decisions, notes = _apply_budget(
+        decisions, over_budget = _apply_budget(
             decisions, retention.max_total_size, set(given.best.values())
         )
-    return Plan(tuple(decisions), tuple(notes))
+    if held_by:
+        hold = Reason(RuleId.HELD_BY_ERRORS, {"errors": tuple(held_by)})
+        decisions = [
+            Decision(d.checkpoint, Action.HOLD, (hold, *d.reasons))
+            if d.action is Action.DELETE
+            else d
+            for d in decisions
+        ]
+    return Plan(tuple(decisions), over_budget, min(moments, default=None))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptd.artifacts import MANIFEST, ArtifactEntry, now_iso
+from ckptd.outcome import ErrorKind
 from ckptd.publishstore import (
     LocalChanged,
     PublishCancelled,
@@ -208,4 +209,4 @@ def publish_reports(reports: Iterable[WorkDirReport]) -> None:
         finally:
             lock.release()
         if report.publish.failed:
-            report.error("publish", report.publish.error)
+            report.error(ErrorKind.PUBLISH, report.publish.error)

@@ -18,11 +18,9 @@ from pathlib import Path
 from ckptd.outcome import Target
 from ckptd.publish import PublishOutcome, publish
 from ckptd.state import WorkDirLock
+from ckptd.timings import TIMINGS, Timings
 
 log = logging.getLogger("ckptd.publish")
-
-BACKOFF_START, BACKOFF_MAX = 5.0, 300.0
-CHANGED_RETRY = 0.5  # the local artifact changed under the upload: publish the new one soon
 
 
 @dataclass(slots=True)
@@ -35,8 +33,13 @@ class _Job:
 
 
 class PublishQueue:
-    def __init__(self, on_outcome: Callable[[Target, PublishOutcome], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_outcome: Callable[[Target, PublishOutcome], None] | None = None,
+        timings: Timings = TIMINGS,
+    ) -> None:
         self.on_outcome = on_outcome
+        self.timings = timings
         self._cond = threading.Condition()
         self._jobs: dict[Path, _Job] = {}
         self._running: Path | None = None
@@ -111,11 +114,10 @@ class PublishQueue:
         now = time.monotonic()
         with self._cond:
             if outcome.retry_soon:
-                job.due = min(job.due, now + CHANGED_RETRY)
+                job.due = min(job.due, now + self.timings.publish_changed_retry)
             elif outcome.failed:
                 job.failures += 1
-                delay = min(BACKOFF_MAX, BACKOFF_START * 2 ** (job.failures - 1))
-                job.backoff_until = now + delay
+                job.backoff_until = now + self.timings.backoff(job.failures)
                 job.due = min(job.due, job.backoff_until)
             elif outcome.status != "cancelled":
                 job.failures, job.backoff_until = 0, 0.0

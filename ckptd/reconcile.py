@@ -15,14 +15,18 @@ from pathlib import Path
 
 from ckptd import artifacts
 from ckptd.bestartifact import ensure_artifacts
+from ckptd.explain import describe_all, plan_notes
 from ckptd.fsdelete import delete_checkpoint, remove_stale_temp_dirs
 from ckptd.layouts import LayoutError, choose_layout, no_layout_reason
 from ckptd.layouts.base import Layout
 from ckptd.observe import Observation, observe
 from ckptd.outcome import (
     ArtifactOutcome,
+    ArtifactStatus,
     DeleteOutcome,
+    ErrorKind,
     PassOptions,
+    SkipReason,
     Target,
     WorkDirReport,
 )
@@ -53,7 +57,7 @@ def _policy_input(observation: Observation, now: float) -> PolicyInput:
         resume_target=observation.scan.resume_target,
         now=now,
         disputes=tuple(observation.disputes),
-        held=tuple(observation.held.items()),
+        trainer_holds=tuple(observation.trainer_holds.items()),
     )
 
 
@@ -91,13 +95,13 @@ def _act(
     _still_there(target.work_dir, identity)
     artifacts_ok = ensure_artifacts(target, layout, observation, state, options, report)
     # Re-plan: a best whose artifact was just written no longer needs its full checkpoint.
-    observation.ready |= {a.key for a in report.artifacts if a.status == "written"}
-    report.plan = plan(_policy_input(observation, options.now()), target.project.retention)
-    if observation.blocking or not artifacts_ok:
-        if report.plan.deletions:
+    observation.ready |= {a.key for a in report.artifacts if a.status is ArtifactStatus.WRITTEN}
+    held_by = sorted(set(report.error_kinds)) if observation.blocking or not artifacts_ok else []
+    report.plan = plan(_policy_input(observation, options.now()), target.project.retention, held_by)
+    if held_by:
+        if report.plan.held:
             report.notes.append(
-                f"{len(report.plan.deletions)} deletion(s) held back until the errors above "
-                "are fixed"
+                f"{len(report.plan.held)} deletion(s) held back until the errors above are fixed"
             )
         return
     if options.dry_run or target.project.dry_run:
@@ -116,12 +120,13 @@ def _act(
                     "name": decision.checkpoint.name,
                     "bytes": size,
                     "time": artifacts.now_iso(),
-                    "reason": "; ".join(decision.reasons),
+                    "reason": describe_all(decision.reasons),
+                    "rules": [str(r) for r in decision.rules],
                 }
             )
         elif not outcome.done:
             report.error(
-                "delete", f"{target.work_dir / decision.checkpoint.name}: {outcome.detail}"
+                ErrorKind.DELETE, f"{target.work_dir / decision.checkpoint.name}: {outcome.detail}"
             )
 
 
@@ -137,9 +142,9 @@ def reconcile(
     try:
         _reconcile_locked(target, options, lock, dry_run, report)
     except LockBusy as exc:
-        report.skipped = str(exc)
+        report.skipped_because(SkipReason.LOCKED, str(exc))
     except (LayoutError, StateError) as exc:
-        report.error("config", str(exc))
+        report.error(ErrorKind.CONFIG, str(exc))
     except OSError as exc:
         message = f"{exc.filename or target.work_dir}: {exc.strerror or exc}"
         if exc.errno == errno.ENOSPC:
@@ -147,7 +152,7 @@ def reconcile(
                 "; ckptd needs a few KB in the work_dir for its state (.ckptd/) before it can "
                 "delete anything there: free a little space and it will catch up"
             )
-        report.error("io", message)
+        report.error(ErrorKind.IO, message)
     finally:
         if own_lock:
             lock.release()
@@ -160,7 +165,7 @@ def _reconcile_locked(
 ) -> None:
     layout = choose_layout(target.work_dir, target.project.layout, target.project)
     if layout is None:
-        report.skipped = no_layout_reason()
+        report.skipped_because(SkipReason.NO_LAYOUT, no_layout_reason())
         return
     report.layout = layout.name
     if target.artifact_dir.resolve() == target.work_dir.resolve():
@@ -187,14 +192,14 @@ def _reconcile_locked(
     )
     report.observation = observation
     for problem in observation.blocking:
-        report.error("input", str(problem))
+        report.error(ErrorKind.INPUT, str(problem))
     report.notes.extend(str(p) for p in observation.problems if not p.blocking)
     if observation.scan.resume_note:
         report.notes.append(observation.scan.resume_note)
     report.notes.extend(observation.notes)
     _act(target, layout, observation, state, options, report, identity)
     if report.plan is not None:
-        report.notes.extend(report.plan.notes)
+        report.notes.extend(plan_notes(report.plan))
     state.layout = layout.name
     state.sources = observation.sources
     state.verified = observation.verified

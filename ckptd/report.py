@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from ckptd.explain import describe, describe_all
+from ckptd.outcome import ArtifactStatus
+from ckptd.policy import Action, Decision
 from ckptd.reconcile import WorkDirReport
 from ckptd.units import format_size
 
@@ -12,13 +15,30 @@ if TYPE_CHECKING:
     from ckptd.publish import PublishOutcome
 
 
-def _verb(report: WorkDirReport, keep: bool, name: str) -> str:
-    if keep:
-        return "keep"
-    done = {d.decision.checkpoint.name: d for d in report.deletions}
-    if name in done:
-        return "deleted" if done[name].done else "kept*"
-    return "would delete" if report.dry_run or not report.deletions else "delete (held)"
+def outcome_of(report: WorkDirReport, decision: Decision) -> str:
+    """What happened to a checkpoint in this pass: the ``action`` of ``--json``.
+
+    keep | hold (an error of the pass held the deletion back) | delete (planned: a dry run, or
+    not reached) | deleted | delete_failed (changed meanwhile, or the unlink failed).
+    """
+    if decision.action is not Action.DELETE:
+        return str(decision.action)
+    done = next(
+        (d for d in report.deletions if d.decision.checkpoint.name == decision.checkpoint.name),
+        None,
+    )
+    if done is None:
+        return "delete"
+    return "deleted" if done.done else "delete_failed"
+
+
+VERBS = {
+    "keep": "keep",
+    "hold": "hold",
+    "delete": "would delete",
+    "deleted": "deleted",
+    "delete_failed": "kept*",
+}
 
 
 def _value(value: float) -> str:
@@ -38,10 +58,10 @@ def format_report(report: WorkDirReport) -> str:
     if report.plan:
         width = max((len(d.checkpoint.name) for d in report.plan.decisions), default=0)
         for d in report.plan.decisions:
-            verb = _verb(report, d.keep, d.checkpoint.name)
+            verb = VERBS[outcome_of(report, d)]
             size = format_size(d.checkpoint.stat.size)
             lines.append(
-                f"  {verb:<13} {d.checkpoint.name:<{width}}  {size:>10}  {'; '.join(d.reasons)}"
+                f"  {verb:<13} {d.checkpoint.name:<{width}}  {size:>10}  {describe_all(d.reasons)}"
             )
     if report.observation:
         for s in report.observation.scan.skipped:
@@ -49,7 +69,11 @@ def format_report(report: WorkDirReport) -> str:
     unit = f"{report.observation.unit} " if report.observation and report.observation.unit else ""
     for a in report.artifacts:
         b = a.best
-        size = f"  {format_size(a.entry.bytes)}" if a.entry and a.status != "failed" else ""
+        size = (
+            f"  {format_size(a.entry.bytes)}"
+            if a.entry and a.status is not ArtifactStatus.FAILED
+            else ""
+        )
         lines.append(
             f"  best          {b.key} = {_value(b.value)} ({b.rule}) at {unit}{b.index} -> "
             f"{a.path}{size}  [{a.status}]" + (f": {a.detail}" if a.detail else "")
@@ -99,19 +123,19 @@ def report_json(report: WorkDirReport) -> dict[str, Any]:
         "work_dir": str(target.work_dir),
         "layout": report.layout,
         "dry_run": report.dry_run,
+        "skip": str(report.skip) if report.skip else None,
         "skipped": report.skipped or None,
         "seconds": round(report.seconds, 4),
         "errors": report.errors,
+        "error_kinds": [str(k) for k in report.error_kinds],
         "notes": report.notes,
         "reclaimed_bytes": report.reclaimed_bytes,
         "reclaimed_total_bytes": report.reclaimed_total,
         "checkpoints": [],
         "best": [],
     }
-    deleted = {d.decision.checkpoint.name: d for d in report.deletions}
     if report.plan:
         for d in report.plan.decisions:
-            done = deleted.get(d.checkpoint.name)
             data["checkpoints"].append(
                 {
                     "name": d.checkpoint.name,
@@ -119,9 +143,10 @@ def report_json(report: WorkDirReport) -> dict[str, Any]:
                     "index": d.checkpoint.index,
                     "bytes": d.checkpoint.stat.size,
                     "complete": d.checkpoint.complete,
-                    "action": "keep" if d.keep else ("deleted" if done and done.done else "delete"),
+                    "action": outcome_of(report, d),
                     "protected": d.protected,
-                    "reasons": list(d.reasons),
+                    "rules": [str(r.rule) for r in d.reasons],
+                    "reasons": [describe(r) for r in d.reasons],
                 }
             )
         data["held_bytes"] = sum(
@@ -162,7 +187,7 @@ def log_actions(report: WorkDirReport, logger, previous: WorkDirReport | None = 
         logger.log(level, message, extra={"fields": {**base, **fields}})
 
     for a in report.artifacts:
-        if a.status == "written" and a.entry is not None:
+        if a.status is ArtifactStatus.WRITTEN and a.entry is not None:
             emit(
                 20,
                 f"slim: new best {a.key}={_value(a.best.value)} -> {a.path.name}",
@@ -172,10 +197,10 @@ def log_actions(report: WorkDirReport, logger, previous: WorkDirReport | None = 
                 artifact=str(a.path),
                 bytes=a.entry.bytes,
             )
-        elif a.status in ("deferred", "missing"):
+        elif a.status in (ArtifactStatus.DEFERRED, ArtifactStatus.MISSING):
             emit(20, f"skip: artifact for {a.key} {a.status}: {a.detail}", action="skip")
     for d in report.deletions:
-        reason = "; ".join(d.decision.reasons)
+        reason = describe_all(d.decision.reasons)
         fields = {
             "checkpoint": d.decision.checkpoint.name,
             "bytes": d.decision.checkpoint.stat.size,
@@ -214,7 +239,7 @@ def metrics_of(report: WorkDirReport) -> dict[str, object]:
         "slims": [
             (a.key, a.seconds, a.entry.bytes if a.entry else 0)
             for a in report.artifacts
-            if a.status == "written"
+            if a.status is ArtifactStatus.WRITTEN
         ],
         "deletions": len(gone),
         "errors": list(report.error_kinds),

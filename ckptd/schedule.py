@@ -1,5 +1,5 @@
-"""When a work_dir is reconciled next: the per-work_dir slot and the timing rules the
-daemon's scheduler applies (debounce, backoff, re-checks that time alone makes necessary)."""
+"""When a work_dir is reconciled next: the per-work_dir slot, and the re-check that time alone
+makes necessary (the moment comes from the plan; debounce and backoff are ``Timings``)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,7 @@ from pathlib import Path
 from ckptd.fsutil import FileStat
 from ckptd.outcome import Target, WorkDirReport
 from ckptd.state import WorkDirLock
-
-DEBOUNCE = 0.2  # coalesce the burst of events one checkpoint or log line causes
-BACKOFF_START, BACKOFF_MAX = 5.0, 300.0
-BUSY_RETRY = 30.0
+from ckptd.timings import TIMINGS, Timings
 
 
 @dataclass(slots=True)
@@ -32,11 +29,6 @@ class WorkDirSlot:
     closed: dict[str, FileStat] = field(default_factory=dict)
 
 
-def backoff(failures: int) -> float:
-    """Seconds before retrying a work_dir after ``failures`` failed passes in a row."""
-    return min(BACKOFF_MAX, BACKOFF_START * 2 ** (failures - 1))
-
-
 def folder_stamps(folders: list[Path]) -> tuple[int, ...]:
     """mtime_ns of each folder (-1 if gone): a new entry in any of them changes this."""
     stamps = []
@@ -48,27 +40,13 @@ def folder_stamps(folders: list[Path]) -> tuple[int, ...]:
     return tuple(stamps)
 
 
-def recheck_time(report: WorkDirReport, settle: float, now: float) -> float | None:
-    """When a pass left something that time alone will change: settling files, grace ends."""
-    observation = report.observation
-    if observation is None:
+def recheck_time(report: WorkDirReport, now: float, timings: Timings = TIMINGS) -> float | None:
+    """When to pass again because time alone changes the outcome (monotonic ``now``).
+
+    The moment is the plan's and the observation's own (``WorkDirReport.changes_at``): the
+    scheduler does not re-derive any rule.
+    """
+    changes_at = report.changes_at
+    if changes_at is None:
         return None
-    times = []
-    if any(not c.complete for c in observation.scan.checkpoints) or any(
-        a.status == "deferred" for a in report.artifacts
-    ):
-        times.append(now + max(settle, 0.5))
-    grace = report.target.project.retention.pending_eval_grace
-    wall = time.time()
-    for c in observation.scan.checkpoints:
-        # A checkpoint too young to trust is looked at again the moment it is `settle` old,
-        # not `settle` after this pass (polling adds its own delay before the pass).
-        young = c.stat.mtime_ns / 1e9 + settle - wall
-        if not c.complete and young > 0:
-            times.append(now + young + 0.05)
-    for c in observation.scan.checkpoints:
-        if c.index not in observation.evaluated:
-            expires = c.stat.mtime_ns / 1e9 + grace - wall
-            if expires > 0:
-                times.append(now + expires + 1)
-    return min(times) if times else None
+    return now + max(changes_at - time.time(), 0.0) + timings.recheck_slack

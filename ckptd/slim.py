@@ -154,7 +154,7 @@ class _Source:
         self.root, self.mapping = None, {}
 
     def check_unchanged(self) -> None:
-        """Invariant 2: same inode, size and mtime by path and by descriptor, else retry later."""
+        """Invariant 2 (docs/DESIGN.md): same inode, size and mtime by path and by fd, or retry."""
         try:
             by_path = FileStat.of(os.stat(self.path))
         except FileNotFoundError as exc:

@@ -11,13 +11,14 @@ from ckptd.best import (
     LESS_KEYS,
     BestMetricError,
     MetricChoice,
+    agree_with_trainer,
     infer_rule,
     resolve_metrics,
     select_best,
     supersede_resumed,
 )
 from ckptd.config import BestConfig
-from ckptd.model import EvalRecord
+from ckptd.model import BestDispute, EvalRecord, TrainerBest
 
 
 def records(values: list[float], key: str = "coco/bbox_mAP", start: int = 1) -> list[EvalRecord]:
@@ -128,3 +129,51 @@ def test_resume_from_earlier_epoch_supersedes_later_records() -> None:
 def test_duplicated_step_latest_wins() -> None:
     merged = supersede_resumed(records([0.1, 0.2]) + records([0.05], start=2))
     assert [(r.index, r.metrics["coco/bbox_mAP"]) for r in merged] == [(1, 0.1), (2, 0.05)]
+
+
+GREATER = MetricChoice("coco/bbox_mAP", "greater")
+
+
+def test_only_checkpointed_evaluations_compete() -> None:
+    # every_n_epochs=2: the peak at epoch 3 has no checkpoint, so epoch 4 is the best
+    recs = records([0.1, 0.3, 0.9, 0.5, 0.2])
+    best, _ = select_best(recs, GREATER, eligible={2, 4})
+    assert best is not None and best.index == 4
+    unrestricted, _ = select_best(recs, GREATER)
+    assert unrestricted is not None and unrestricted.index == 3
+
+
+def test_no_checkpointed_evaluation_means_no_best_yet() -> None:
+    best, problems = select_best(records([0.1, 0.3]), GREATER, eligible=set())
+    assert best is None and problems == []
+
+
+def test_trainer_that_agrees_changes_nothing() -> None:
+    recs = records([0.1, 0.5, 0.3])
+    trainer = TrainerBest("coco/bbox_mAP", 2, 0.5, 3, "epoch_3.pth: meta.hook_msgs")
+    assert agree_with_trainer(recs, GREATER, {1, 2, 3}, trainer) == (None, None)
+
+
+def test_rounded_log_ties_follow_the_trainer_and_report_the_dispute() -> None:
+    # the log rounded 0.412341 and 0.412344 to one value: the fold keeps epoch 2, the trainer
+    # compared raw values and holds epoch 3
+    recs = records([0.3, 0.41234, 0.41234, 0.2])
+    trainer = TrainerBest("coco/bbox_mAP", 3, 0.412344, 3, "epoch_4.pth: meta.hook_msgs")
+    best, dispute = agree_with_trainer(recs, GREATER, {1, 2, 3, 4}, trainer)
+    assert best is not None and best.index == 3 and best.value == 0.412344
+    assert dispute == BestDispute("coco/bbox_mAP", 3, 2, "epoch_4.pth: meta.hook_msgs")
+
+
+def test_later_evaluations_continue_from_the_trainers_raw_score() -> None:
+    recs = records([0.3, 0.41234, 0.41234, 0.41234, 0.6])
+    trainer = TrainerBest("coco/bbox_mAP", 3, 0.412344, 3, "epoch_4.pth")
+    best, _ = agree_with_trainer(recs, GREATER, {1, 2, 3, 4, 5}, trainer)
+    assert best is not None and best.index == 5  # a real improvement after as_of wins
+    best, _ = agree_with_trainer(recs[:4], GREATER, {1, 2, 3, 4}, trainer)
+    assert best is not None and best.index == 3  # epoch 4's rounded tie is not an improvement
+
+
+def test_trainer_best_without_a_checkpoint_here_is_not_used() -> None:
+    recs = records([0.3, 0.5])
+    trainer = TrainerBest(None, 7, 0.9, 7, "elsewhere")
+    assert agree_with_trainer(recs, GREATER, {1, 2}, trainer) == (None, None)

@@ -117,7 +117,7 @@ def _number(value: Any) -> float:
 
 
 class Oracle:
-    """This file's own reading of MMEngine metric logs (see DESIGN.md: val lines have no
+    """This file's own reading of MMEngine metric logs (see docs/DESIGN.md: val lines have no
     epoch/iter key and their step is the epoch) and what it says must be reported/kept."""
 
     TRAIN = (b'"epoch": ', b'"iter": ')

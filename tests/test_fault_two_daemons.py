@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from ckptd.schedule import BUSY_RETRY
+from ckptd.timings import TIMINGS
 from tests.daemon_proc import DaemonProcess, actions
 from tests.faults.figures import report
 from tests.faults.invariants import Stream, StreamChecker, artifact_problems, temp_files
@@ -95,7 +95,7 @@ def test_one_daemon_acts_and_the_other_takes_over(
             assert not replayer.finished, "the machine is too slow for this test's pace"
             assert a.stop() == 0
             stopped = time.monotonic()
-            b.wait_for(lambda r: r.get("action") in ("slim", "delete"), BUSY_RETRY + 10)
+            b.wait_for(lambda r: r.get("action") in ("slim", "delete"), TIMINGS.busy_retry + 10)
             takeover = time.monotonic() - stopped
             assert flock_holder(work_dir / ".ckptd" / "lock") == b.pid
             replayer.join(60)
@@ -130,7 +130,7 @@ def test_takeover_without_any_event_within_the_retry_interval(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Nothing changes in the work_dir after the first daemon stops: the second retries on
-    its own, within BUSY_RETRY."""
+    its own, within Timings.busy_retry."""
     work_dir = tmp_path / "work_dirs" / "run"
     work_dir.mkdir(parents=True)
     replay_now(record(), work_dir, upto_epoch=2)
@@ -141,13 +141,13 @@ def test_takeover_without_any_event_within_the_retry_interval(
             b.wait_for(lambda r: f"locked by another ckptd (pid {a.pid} on" in r.get("message", ""))
             a.send(signal.SIGSTOP)  # A holds the lock, and stays out of the way...
             replay_now(record(), work_dir, upto_epoch=4)  # ...while there is work to do
-            time.sleep(1)  # B sees the events, finds the lock taken, waits BUSY_RETRY
+            time.sleep(1)  # B sees the events, finds the lock taken, waits busy_retry
             assert not _acted(b)
             a.stop(signal.SIGKILL)  # a crash: the kernel drops the flock; no event in work_dir
             stopped = time.monotonic()
-            b.wait_for(lambda r: r.get("action") == "delete", BUSY_RETRY + 10)
+            b.wait_for(lambda r: r.get("action") == "delete", TIMINGS.busy_retry + 10)
             takeover = time.monotonic() - stopped
-    assert takeover <= BUSY_RETRY + 2
+    assert takeover <= TIMINGS.busy_retry + 2
     assert sorted(p.name for p in work_dir.glob("epoch_*.pth")) == ["epoch_3.pth", "epoch_4.pth"]
     report(capsys, "quiet takeover after kill -9", takeover_s=round(takeover, 1))
 

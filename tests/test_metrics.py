@@ -124,7 +124,13 @@ def test_record_pass_values(metrics: DaemonMetrics, server: MetricsServer) -> No
     assert value(samples, "ckptd_deletions_total", **wd) == 3
     assert value(samples, "ckptd_slims_total", **wd) == 2
     assert value(samples, "ckptd_errors_total", **wd, kind="slim") == 2
-    for kind in ("config", "delete", "input", "lock"):  # pre-set so increase() sees the first
+    for kind in (
+        "config",
+        "delete",
+        "input",
+        "io",
+        "publish",
+    ):  # pre-set so increase() sees the first
         assert value(samples, "ckptd_errors_total", **wd, kind=kind) == 0
     assert value(samples, "ckptd_reconcile_passes_total", **wd, result="ok") == 2
     assert value(samples, "ckptd_reconcile_passes_total", **wd, result="error") == 1
@@ -167,14 +173,14 @@ def test_forget_drops_every_series_of_the_work_dir(
     metrics: DaemonMetrics, server: MetricsServer
 ) -> None:
     a_pass(metrics)
-    a_pass(metrics, work_dir=WD_B, errors=["lock"])
+    a_pass(metrics, work_dir=WD_B, errors=["io"])
     before, _ = scrape(server)
     assert any(labels.get("work_dir") == WD_A for _, labels in map(_dict, before))
     metrics.forget(WD_A)
     metrics.forget("/never/seen")  # harmless
     after, _ = scrape(server)
     assert not any(labels.get("work_dir") == WD_A for _, labels in map(_dict, after))
-    assert value(after, "ckptd_errors_total", work_dir=WD_B, project="detection", kind="lock") == 1
+    assert value(after, "ckptd_errors_total", work_dir=WD_B, project="detection", kind="io") == 1
     # Seen again later: counters start over (a reset Prometheus handles).
     a_pass(metrics, reclaimed_bytes=7)
     again, _ = scrape(server)

@@ -538,14 +538,12 @@ def test_file_target(tmp_path: Path) -> None:
     assert files == ["best_coco_bbox_mAP_epoch_4.pth"]
 
 
-def test_publish_queue_retries_in_the_background(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_publish_queue_retries_in_the_background(tmp_path: Path) -> None:
     from ckptd import publishqueue
     from ckptd.metrics import DaemonMetrics
     from ckptd.outcome import Target
+    from ckptd.timings import Timings
 
-    monkeypatch.setattr(publishqueue, "BACKOFF_START", 0.2)
     blocker = tmp_path / "published"
     blocker.write_text("a file where the folder should be")  # publishing fails until removed
     t = trainer(tmp_path, "queued")
@@ -570,7 +568,7 @@ def test_publish_queue_retries_in_the_background(
 
     lock = WorkDirLock(t.work_dir)
     lock.acquire()
-    queue = publishqueue.PublishQueue(record)
+    queue = publishqueue.PublishQueue(record, Timings(backoff_start=0.2))
     queue.start()
     try:
         queue.submit(target, lock)

@@ -1,6 +1,6 @@
 """Hugging Face ``Trainer`` output_dirs: one ``checkpoint-N/`` folder per save.
 
-Measured on transformers 5.x (see DESIGN.md): ``_save_checkpoint`` writes the model
+Measured on transformers 5.x (see docs/DESIGN.md): ``_save_checkpoint`` writes the model
 (``model.safetensors`` or shards + index, ``config.json``), then ``training_args.bin``,
 ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth`` and last ``trainer_state.json``, all in
 place. So a folder is complete when its ``trainer_state.json`` parses and says

@@ -1,6 +1,6 @@
 """PyTorch Lightning work_dirs: the folder given as ``Trainer(default_root_dir=...)``.
 
-Measured on Lightning 2.6 (see DESIGN.md): ``ModelCheckpoint`` writes
+Measured on Lightning 2.6 (see docs/DESIGN.md): ``ModelCheckpoint`` writes
 ``<logger name>/version_N/checkpoints/epoch=E-step=S.ckpt`` (or into its ``dirpath``; a
 ``-vK`` suffix when a name repeats) through a temp file and a rename; ``last.ckpt`` is a full
 copy (``save_last=True``) or a relative symlink (``save_last='link'``) and is what a resumed

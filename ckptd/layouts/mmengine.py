@@ -1,6 +1,6 @@
 """MMEngine (and MMDetection 3.x / MMPretrain / MMSeg 1.x) work_dirs.
 
-Measured on MMEngine 0.10.7 (see DESIGN.md): ``epoch_N.pth`` / ``iter_N.pth`` written in place
+Measured on MMEngine 0.10.7 (see docs/DESIGN.md): ``epoch_N.pth`` / ``iter_N.pth`` written in place
 and non-atomically; ``last_checkpoint`` holds the absolute path of the newest checkpoint; per
 launch a ``<timestamp>/vis_data/scalars.json`` of JSON lines. Val lines carry no ``epoch`` or
 ``iter`` key and their ``step`` is the epoch (by-epoch runs) or the iteration (iter-based runs

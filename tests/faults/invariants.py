@@ -1,4 +1,4 @@
-"""Invariant checks shared by the fault tests (DESIGN.md invariants 1, 3 and 5).
+"""Invariant checks shared by the fault tests (docs/DESIGN.md invariants 1, 3 and 5).
 
 Two kinds:
 

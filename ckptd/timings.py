@@ -1,0 +1,43 @@
+"""Every timing of the service in one settings object, and the one backoff rule.
+
+The watch settings users tune (``settle``, ``poll_interval``, ``resync_interval``) are in
+``ckptd.yaml``; these are the internal ones, gathered here so that the whole clock of the
+daemon can be read (and, in tests, shortened) in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    # coalesce the burst of events one checkpoint or log line causes
+    debounce: float = 0.2
+    # a failed pass (or publish attempt) is retried after 5 s, 10 s, ... up to 5 min
+    backoff_start: float = 5.0
+    backoff_max: float = 300.0
+    # another ckptd holds the work_dir's lock: look again this often (a takeover's bound)
+    busy_retry: float = 30.0
+    # new work_dirs under globs whose parents are not watched
+    rediscover_every: float = 10.0
+    # the loop wakes at least every second; this long without a tick means it is stuck
+    loop_stale_after: float = 30.0
+    # SIGTERM: in-flight work gets this long (systemd's default stop timeout is 90 s)
+    stop_grace: float = 8.0
+    # a folder modified this recently may change again within its mtime's granularity
+    settled_folder: float = 2.0
+    # the local artifact changed under an upload: publish the new one this soon
+    publish_changed_retry: float = 0.5
+    # a checkpoint still incomplete after this long is not being written: it is broken
+    # (writers touch mtime continuously, so even a slow NFS write never looks this stale)
+    stale_incomplete_after: float = 300.0
+    # added to a moment the plan says something changes, so the pass lands just after it
+    recheck_slack: float = 0.05
+
+    def backoff(self, failures: int) -> float:
+        """Seconds before retrying after ``failures`` failures in a row."""
+        return min(self.backoff_max, self.backoff_start * 2 ** max(failures - 1, 0))
+
+
+TIMINGS = Timings()
