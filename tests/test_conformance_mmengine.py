@@ -92,6 +92,15 @@ def test_val_loss_less_is_better_despite_logged_smoothing(tmp_path: Path) -> Non
     assert mmengine_best(runs["theirs"]).name == "best_val_loss_epoch_2.pth"
 
 
+def test_val_loss_after_a_nan_is_read_raw_from_the_message_hub(tmp_path: Path) -> None:
+    # Every running mean whose window holds the NaN is NaN, so scalars.json alone cannot give
+    # the raw val/loss of epochs 3-6; the newest checkpoint's message hub has them.
+    values = "0.9,nan,0.5,0.3,0.6,0.4"
+    runs = conform(tmp_path, "--epochs", "6", "--metric", "loss", "--values", values)
+    assert_conforms(runs)
+    assert mmengine_best(runs["theirs"]).name == "best_val_loss_epoch_4.pth"
+
+
 def test_iter_based(tmp_path: Path) -> None:
     runs = conform(tmp_path, "--iter-based", "--max-iters", "48", "--val-interval", "8")
     assert_conforms(runs)

@@ -4,7 +4,9 @@ The ``trainer`` tests run ``tests/trainers/hf_real.py`` (real ``Trainer``, ``sav
 ``eval_strategy`` 'epoch', no ``save_total_limit``) in a subprocess, then ``ckptd once``: ckptd's
 best must be ``trainer_state.json``'s ``best_model_checkpoint``, the artifact folder must hold
 that checkpoint's ``model.safetensors`` (tensor for tensor) and ``config.json`` and nothing of
-the optimizer, scheduler or RNG, and ckptd must keep exactly the newest ``keep_last`` folders.
+the optimizer, scheduler or RNG, and ckptd must keep exactly the newest ``keep_last`` folders
+and ``best_model_checkpoint`` (which the Trainer reads again). More settings:
+``tests/test_differential_hf.py``.
 The other tests build folders by hand from the reference ``trainer_state.json``.
 """
 
@@ -72,7 +74,8 @@ def test_real_trainer_best_artifact_and_kept_set(tmp_path: Path) -> None:
 
     text = once(tmp_path)
     assert "[hf]" in text and "metric_for_best_model='accuracy'" in text
-    assert folders(out) == ["checkpoint-16", "checkpoint-20"]
+    # keep_last 2, and the Trainer's best_model_checkpoint, which ckptd never deletes
+    assert folders(out) == [best, "checkpoint-16", "checkpoint-20"]
     entry = manifest(out / "best")["artifacts"]["eval_accuracy"]
     assert entry["source_checkpoint"] == best and entry["rule"] == "greater"
     assert entry["value"] == result["best_metric"]
@@ -86,7 +89,7 @@ def test_real_trainer_best_artifact_and_kept_set(tmp_path: Path) -> None:
     resumed = train(out, "--epochs", "6", "--metric", "accuracy", "--resume")
     assert resumed["global_step"] == 24
     once(tmp_path)
-    assert folders(out) == ["checkpoint-20", "checkpoint-24"]
+    assert folders(out) == [best, "checkpoint-20", "checkpoint-24"]
     assert manifest(out / "best")["artifacts"]["eval_accuracy"]["source_checkpoint"] == best
 
 
@@ -212,3 +215,24 @@ def test_metrics_follow_the_folder_written_last(tmp_path: Path) -> None:
     read = HFLayout().read_evals(out, {}, "step")
     assert read.records[-1].index == 32 and read.records[-1].metrics["eval_accuracy"] == 0.9
     assert list(read.sources) == ["checkpoint-32/trainer_state.json"]
+
+
+@pytest.mark.trainer
+def test_real_trainer_keeps_the_best_it_loads_at_the_end_across_a_resume(tmp_path: Path) -> None:
+    # load_best_model_at_end loads best_model_checkpoint when training ends, and a resumed
+    # Trainer forgets a best whose folder is gone: ckptd must not delete it, even once its own
+    # artifact of that step is written and keep_last has moved past it.
+    out = tmp_path / "work_dirs" / "bert"
+    values = ("--metric", "accuracy", "--values", "0.2,0.3,0.4,0.9,0.1,0.2,0.3,0.5")
+    first = train(out, "--epochs", "3", "--load-best", *values)
+    assert Path(first["best_model_checkpoint"]).name == "checkpoint-4"
+    text = once(tmp_path, retention={"keep_last": 1})
+    assert "the Trainer's best_model_checkpoint" in text
+    assert folders(out) == ["checkpoint-4", "checkpoint-12"]
+    resumed = train(out, "--epochs", "5", "--load-best", "--resume", *values)
+    assert resumed["best_model_checkpoint"] is not None, "the resumed Trainer lost its best"
+    assert Path(resumed["best_model_checkpoint"]).name == "checkpoint-4"
+    once(tmp_path, retention={"keep_last": 1})
+    assert folders(out) == ["checkpoint-4", "checkpoint-20"]
+    entry = manifest(out / "best")["artifacts"]["eval_accuracy"]
+    assert entry["source_checkpoint"] == "checkpoint-4" and entry["value"] == 0.9

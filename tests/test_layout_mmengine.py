@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 from pathlib import Path
@@ -171,3 +172,61 @@ def test_not_a_work_dir(tmp_path: Path) -> None:
     assert detect_layouts(tmp_path) == []
     assert choose_layout(tmp_path, "auto") is None
     assert detect_layouts(Path("/")) == []
+
+
+def hub_checkpoint(path: Path, runtime: dict[str, object], val_loss: list[float]) -> None:
+    """A checkpoint whose message hub is pickled like MMEngine's (OrderedDicts, numpy values;
+    a plain object with the HistoryBuffer's attributes stands in for it)."""
+    from collections import OrderedDict
+
+    import numpy as np
+    import torch
+
+    buffer = argparse.Namespace(_log_history=np.array(val_loss), _count_history=np.ones(3))
+    hub = {
+        "log_scalars": OrderedDict({"val/val/loss": buffer}),
+        "runtime_info": OrderedDict(runtime),
+        "resumed_keys": OrderedDict(),
+    }
+    torch.save({"meta": {}, "state_dict": {"w": torch.ones(2)}, "message_hub": hub}, path)
+
+
+def test_trainer_bests_from_the_hub_of_the_checkpoint_written_last(tmp_path: Path) -> None:
+    import numpy as np
+
+    from ckptd.core.model import WorkDirScan
+    from ckptd.layouts.mmengine_hub import read_hub
+
+    work_dir = tmp_path / "run"
+    work_dir.mkdir()
+    one = {"best_score": np.float64(0.3), "best_ckpt": "/x/best_val_loss_epoch_2.pth"}
+    hub_checkpoint(work_dir / "epoch_2.pth", one, [0.5, 0.3])  # re-saved after val 2
+    hub_checkpoint(work_dir / "epoch_3.pth", one, [0.5, 0.3])  # saved before val 3
+    later = os.stat(work_dir / "epoch_2.pth").st_mtime_ns + 10**9
+    os.utime(work_dir / "epoch_3.pth", ns=(later, later))
+    layout = MMEngineLayout()
+    found, _ = layout.list_checkpoints(work_dir)
+    scan = WorkDirScan(work_dir, "mmengine", [c.as_checkpoint(True) for c in found])
+    records = [EvalRecord(i, {"val/loss": v}, "s.json", i) for i, v in ((1, 0.5), (2, 0.4))]
+    (best,) = layout.trainer_bests(work_dir, scan, records)
+    assert (best.key, best.index, best.score, best.as_of) == ("val/loss", 2, 0.3, 2)
+    assert best.source == "epoch_3.pth: message_hub best_ckpt"
+    hub = read_hub(work_dir, "epoch_3.pth")
+    assert hub is not None and hub.raw == {"val/loss": [0.5, 0.3]}
+    # logged means 0.5, 0.4 are those of raw 0.5, 0.3: the raw values replace them
+    assert [r.metrics["val/loss"] for r in layout.as_evaluated(records)] == [0.5, 0.3]
+    # several keys: best_ckpt_<key>, and the record covers N when a best names N
+    two = {
+        "best_score_coco/bbox_mAP": 0.6,
+        "best_ckpt_coco/bbox_mAP": "/x/best_coco_bbox_mAP_epoch_1.pth",
+        "best_ckpt_coco/bbox_mAP_75": "/x/best_coco_bbox_mAP_75_epoch_3.pth",
+    }
+    hub_checkpoint(work_dir / "epoch_3.pth", two, [0.5])
+    bests = layout.trainer_bests(work_dir, scan, records)
+    assert [(b.key, b.index, b.score, b.as_of) for b in bests] == [
+        ("coco/bbox_mAP", 1, 0.6, 3),
+        ("coco/bbox_mAP_75", 3, None, 3),
+    ]
+    # no save_best: no record
+    hub_checkpoint(work_dir / "epoch_3.pth", {"epoch": 3}, [0.5])
+    assert layout.trainer_bests(work_dir, scan, records) == []

@@ -56,6 +56,7 @@ _TEXT: dict[RuleId, Callable[[Mapping[str, Any]], str]] = {
     ),
     RuleId.BEST_ARTIFACT_PENDING: lambda d: f"best {d['metric']}, artifact not written yet",
     RuleId.BEST_DISPUTED: _disputed,
+    RuleId.TRAINER_HOLDS: lambda d: str(d["why"]),
     RuleId.KEEP_LAST: lambda d: f"keep_last #{d['rank']}",
     RuleId.KEEP_EVERY: lambda d: f"keep_every {d['every']} ({d['unit']} {d['index']})",
     RuleId.KEEP_BEST_FULL: lambda d: f"keep_best_full ({d['metric']})",

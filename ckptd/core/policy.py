@@ -36,6 +36,7 @@ class RuleId(StrEnum):
     PENDING_EVALUATION = "pending_evaluation"
     BEST_ARTIFACT_PENDING = "best_artifact_pending"
     BEST_DISPUTED = "best_disputed"
+    TRAINER_HOLDS = "trainer_holds"
     KEEP_LAST = "keep_last"
     KEEP_EVERY = "keep_every"
     KEEP_BEST_FULL = "keep_best_full"
@@ -65,6 +66,8 @@ class PolicyInput:
     disputes: tuple[BestDispute, ...] = ()
     # Checkpoints that older resume pointers name -> the pointer (Layout.older_pointers).
     older_pointers: Mapping[str, str] = field(default_factory=dict)
+    # (name, why) of checkpoints the trainer itself will read again (Layout.trainer_holds).
+    trainer_holds: tuple[tuple[str, str], ...] = ()
 
 
 class KeepRule(Protocol):
@@ -209,6 +212,21 @@ class DisputedBest(Timeless):
 
 
 @dataclass(frozen=True)
+class TrainerHolds(Timeless):
+    """What the trainer will read again (``Layout.trainer_holds``), e.g. the folder the HF
+    Trainer loads when training ends: never deleted, whichever best ckptd chooses."""
+
+    rule: ClassVar[RuleId] = RuleId.TRAINER_HOLDS
+    protects: ClassVar[bool] = True
+
+    def keeps(self, given: PolicyInput) -> dict[str, list[Reason]]:
+        names = {c.name for c in given.checkpoints}
+        return {
+            n: [Reason(self.rule, {"why": why})] for n, why in given.trainer_holds if n in names
+        }
+
+
+@dataclass(frozen=True)
 class LatestN(Timeless):
     n: int
     rule: ClassVar[RuleId] = RuleId.KEEP_LAST
@@ -255,6 +273,7 @@ def rules_for(retention: RetentionConfig) -> list[KeepRule]:
         PendingEvaluation(retention.pending_eval_grace),
         BestArtifactPending(),
         DisputedBest(),
+        TrainerHolds(),
         LatestN(retention.keep_last),
     ]
     if retention.keep_every:

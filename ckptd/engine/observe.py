@@ -48,6 +48,7 @@ class Observation:
     # Indices that have or had a checkpoint here: the only evaluations that can be best.
     checkpointed: frozenset[int] = frozenset()
     disputes: list[BestDispute] = field(default_factory=list)
+    trainer_holds: dict[str, str] = field(default_factory=dict)  # Layout.trainer_holds
     # When a checkpoint judged incomplete here should be judged again (wall clock): the
     # moment a young file is `settle` old, or soon for one still being written.
     changes_at: float | None = None
@@ -270,5 +271,6 @@ def observe(
         notes=notes,
         checkpointed=checkpointed,
         disputes=disputes,
+        trainer_holds=layout.trainer_holds(work_dir, scan),
         changes_at=min(moments, default=None),
     )

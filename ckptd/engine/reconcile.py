@@ -65,6 +65,7 @@ def _policy_input(observation: Observation, now: float) -> PolicyInput:
         older_pointers=observation.scan.older_pointers,
         now=now,
         disputes=tuple(observation.disputes),
+        trainer_holds=tuple(observation.trainer_holds.items()),
     )
 
 

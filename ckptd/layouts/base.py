@@ -179,6 +179,11 @@ class Layout(ABC):
         anything from them). ckptd compares it with the best it derives from the logs."""
         return []
 
+    def trainer_holds(self, work_dir: Path, scan: WorkDirScan) -> dict[str, str]:
+        """Checkpoints the trainer will read again (name -> why), e.g. the best it loads at the
+        end of training: never deleted, whichever best ckptd chooses. Called after read_evals."""
+        return {}
+
     def infer_rule(self, key: str) -> str:
         """greater/less for a metric given without a rule (MMEngine's inference by default)."""
         from ckptd.core.best import infer_rule

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ckptd.core.model import EvalRecord, Problem, Skipped, WorkDirScan
+from ckptd.core.model import EvalRecord, Problem, Skipped, TrainerBest, WorkDirScan
 from ckptd.fs.delete import NotPlainTree, tree_stat
 from ckptd.layouts.base import AutoMetric, Candidate, EvalRead, Layout, SourceState
 from ckptd.layouts.logtail import Cursor
@@ -37,6 +37,9 @@ MAX_ARGS_PICKLE = 4 * 1024 * 1024
 NOT_METRICS = re.compile(
     r"eval_(runtime|samples_per_second|steps_per_second|model_preparation_time)"
 )
+
+
+DEFAULT_METRIC_WHY = "the Trainer's default metric_for_best_model"
 
 
 def is_temporary(name: str) -> bool:
@@ -75,13 +78,37 @@ def _load_state(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _best_args(root: Any) -> tuple[str | None, bool | None]:
+def _best_args(root: Any) -> tuple[str | None, bool | None, bool | None]:
+    """(metric_for_best_model, greater_is_better, load_best_model_at_end) of TrainingArguments."""
     state = object_state(root)
     metric, greater = state.get("metric_for_best_model"), state.get("greater_is_better")
+    load = state.get("load_best_model_at_end")
     return (
         metric if isinstance(metric, str) and metric else None,
         greater if isinstance(greater, bool) else None,
+        load if isinstance(load, bool) else None,
     )
+
+
+def _best_info(data: dict[str, Any]) -> dict[str, str]:
+    """What trainer_state.json records of the Trainer's best, as SourceState.info strings.
+
+    ``best_model_checkpoint`` is a path in the Trainer's view (another mount, another host):
+    only its folder name is kept, and matched to ``checkpoint-N`` here.
+    """
+    info: dict[str, str] = {}
+    value, step = data.get("best_metric"), data.get("best_global_step")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        info["best_metric"] = repr(float(value))
+    if isinstance(step, int) and not isinstance(step, bool):
+        info["best_global_step"] = str(step)
+    path = data.get("best_model_checkpoint")
+    name = path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] if isinstance(path, str) else ""
+    if FOLDER.fullmatch(name):
+        info["best_model_checkpoint"] = name
+    if isinstance(data.get("global_step"), int):
+        info["global_step"] = str(data["global_step"])
+    return info
 
 
 def _records(data: dict[str, Any], rel: str) -> tuple[list[EvalRecord], list[Problem]]:
@@ -215,11 +242,7 @@ class HFLayout(Layout):
                 if data is None:
                     continue
                 records, problems = _records(data, rel)
-                info = {"stat": stamp}
-                if isinstance(data.get("best_metric"), int | float):
-                    info["best_metric"] = repr(float(data["best_metric"]))
-                if isinstance(data.get("best_global_step"), int):
-                    info["best_global_step"] = str(data["best_global_step"])
+                info = {"stat": stamp, **_best_info(data)}
                 state = SourceState(Cursor(st.st_ino, st.st_size), records, problems, info)
             self._source, self._source_folder = state, Path(entry.path)
             return EvalRead(list(state.records), {rel: state}, list(state.problems))
@@ -236,10 +259,7 @@ class HFLayout(Layout):
         else eval_loss (the Trainer's default); else the first key, as for MMEngine."""
         folder = self._source_folder
         if folder is not None:
-            metric, greater = peek(folder / ARGS, "hf-args", MAX_ARGS_PICKLE, _best_args) or (
-                None,
-                None,
-            )
+            metric, greater, _ = self._args()
             if metric:
                 key = metric if metric.startswith("eval_") else f"eval_{metric}"
                 rule = hf_rule(metric) if greater is None else ("greater" if greater else "less")
@@ -257,8 +277,52 @@ class HFLayout(Layout):
                 why = f"{ARGS} unreadable; the eval key equal to best_metric at best_global_step"
                 return [AutoMetric(keys[0], None, why)]
         if records and "eval_loss" in records[0].metrics:
-            return [AutoMetric("eval_loss", "less", "the Trainer's default metric_for_best_model")]
+            return [AutoMetric("eval_loss", "less", DEFAULT_METRIC_WHY)]
         return []
+
+    def _args(self) -> tuple[str | None, bool | None, bool | None]:
+        """_best_args of the source folder's training_args.bin (read once per file version)."""
+        if self._source_folder is None:
+            return None, None, None
+        path = self._source_folder / ARGS
+        return peek(path, "hf-args", _best_args, max_pickle=MAX_ARGS_PICKLE) or (None, None, None)
+
+    def trainer_bests(
+        self, work_dir: Path, scan: WorkDirScan, records: list[EvalRecord]
+    ) -> list[TrainerBest]:
+        """trainer_state.json's best_model_checkpoint, when it is the checkpoint of the
+        Trainer's best evaluation (``best_global_step``).
+
+        The Trainer moves ``best_model_checkpoint`` only at a save where ``checkpoint-
+        {best_global_step}`` exists; a best evaluated at a step without a save leaves it on an
+        older folder, which is then neither the Trainer's best nor the best saved one.
+        """
+        info = self._source.info if self._source else {}
+        folder = info.get("best_model_checkpoint")
+        if folder is None or "global_step" not in info or self._source_folder is None:
+            return []
+        index = int(FOLDER.fullmatch(folder).group(1))  # type: ignore[union-attr]
+        if info.get("best_global_step", str(index)) != str(index):
+            return []
+        found = self.auto_metrics(work_dir, scan, records)
+        if not found or found[0].why == DEFAULT_METRIC_WHY:
+            return []  # which key the Trainer ranked by is unknown: its record cannot be used
+        score = float(info["best_metric"]) if "best_metric" in info else None
+        source = f"{self._source_folder.name}/{STATE}: best_model_checkpoint"
+        return [TrainerBest(found[0].key, index, score, int(info["global_step"]), source)]
+
+    def trainer_holds(self, work_dir: Path, scan: WorkDirScan) -> dict[str, str]:
+        """The folder trainer_state.json names as ``best_model_checkpoint``: what
+        ``load_best_model_at_end`` loads when training ends (if it is gone the Trainer only
+        warns and ends with the last weights), what a resumed Trainer forgets if it is gone
+        ("does not exist anymore. Ignoring it"), and what its own save_total_limit never
+        deletes. Held whichever best ckptd chooses, at the cost of at most one folder."""
+        info = self._source.info if self._source else {}
+        folder = info.get("best_model_checkpoint")
+        if folder is None:
+            return {}
+        load = " (load_best_model_at_end loads it)" if self._args()[2] else ""
+        return {folder: f"the Trainer's best_model_checkpoint{load}"}
 
     def watch_folders(self, work_dir: Path) -> list[Path]:
         # trainer_state.json lands inside the folder, last: watch the folders, not just the root.

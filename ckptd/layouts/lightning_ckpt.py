@@ -31,7 +31,6 @@ MODE_IN_KEY = re.compile(r"'mode': '(min|max)'")
 # ModelCheckpoint.state_key names its trigger; a step or time trigger saves between validations.
 STEP_TRIGGER_IN_KEY = re.compile(r"'every_n_train_steps': [1-9]|'train_time_interval': (?!None)")
 # data.pkl holds the structure of every tensor; 64 MiB is far above any real checkpoint's.
-MAX_PICKLE = 64 * 1024 * 1024
 # Storage classes a scalar score may be saved in: struct format and item size.
 SCALAR_STORAGE = {"FloatStorage": "<f", "DoubleStorage": "<d", "HalfStorage": "<e"}
 _CACHE: OrderedDict[tuple[str, FileStat], CkptFacts | None] = OrderedDict()
@@ -146,7 +145,7 @@ def read_facts(path: Path, stat: FileStat) -> CkptFacts | None:
         _CACHE.move_to_end(key)
         return _CACHE[key]
     try:
-        facts: CkptFacts | None = open_inert(path, MAX_PICKLE, _extract)
+        facts: CkptFacts | None = open_inert(path, _extract)
         changed = FileStat.of(os.stat(path, follow_symlinks=False)) != stat
     except (OSError, SlimError, PickleRejected, ValueError, TypeError, KeyError):
         facts, changed = None, False

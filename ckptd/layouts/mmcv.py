@@ -55,7 +55,6 @@ BEST_FILE = re.compile(r"best_(.+)_(epoch|iter)_(\d+)\.pth", re.ASCII)
 LOG_DECIMALS = 5
 # data.pkl holds the structure of every tensor; as for Lightning, 64 MiB is far above any
 # real checkpoint's.
-MAX_PICKLE = 64 * 1024 * 1024
 
 
 def log_files(work_dir: Path) -> list[Path]:
@@ -138,6 +137,7 @@ class MMCVLayout(MMEngineLayout):
     signature: ClassVar[str] = "a latest.pth symlink or <timestamp>.log.json in the work_dir"
 
     def __init__(self, metrics: tuple[str, ...] = ()) -> None:
+        super().__init__()
         self.metrics = frozenset(metrics)  # configured best.metric keys
 
     @classmethod
@@ -212,7 +212,7 @@ class MMCVLayout(MMEngineLayout):
             found.append((mtime, int(match.group(3)), entry.name))
         bests: list[TrainerBest] = []
         for _, as_of, name in sorted(found):
-            recorded = peek(work_dir / name, "hook_msgs.best", MAX_PICKLE, _best_of)
+            recorded = peek(work_dir / name, "hook_msgs.best", _best_of)
             best_file = os.path.basename(recorded[0]) if recorded else ""
             match = BEST_FILE.fullmatch(best_file)
             # EvalHook removes its previous best file whenever it saves a new one, so a record

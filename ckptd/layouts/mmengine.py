@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ckptd.core.model import EvalRecord, FileStat, Problem, Skipped
+from ckptd.core.model import EvalRecord, FileStat, Problem, Skipped, TrainerBest, WorkDirScan
 from ckptd.layouts.base import (
     Candidate,
     EvalRead,
@@ -77,10 +77,25 @@ def _parse_val(data: dict[str, Any], source: str, line: int) -> EvalRecord | Non
     return EvalRecord(step, numeric_metrics(data, NOT_METRICS), source, line)
 
 
+def _means_match(raw: list[float], means: list[float]) -> bool:
+    """Do the running means of ``raw`` give the logged ``means`` (NaN where they are NaN)?"""
+    for n in range(len(raw)):
+        window = raw[max(0, n - SMOOTHING_WINDOW + 1) : n + 1]
+        mean, logged = sum(window) / len(window), means[n]
+        if math.isnan(mean) != math.isnan(logged):
+            return False
+        if not math.isnan(mean) and not math.isclose(mean, logged, rel_tol=1e-9, abs_tol=1e-12):
+            return False
+    return True
+
+
 class MMEngineLayout(Layout):
     name: ClassVar[str] = "mmengine"
     default_keep_keys: ClassVar[tuple[str, ...]] = ("meta", "state_dict")
     signature: ClassVar[str] = "last_checkpoint or <timestamp>/vis_data/scalars.json"
+
+    def __init__(self) -> None:
+        self._listed: tuple[Path, list[Candidate]] | None = None  # what list_checkpoints found
 
     @classmethod
     def detect(cls, work_dir: Path) -> bool:
@@ -104,6 +119,7 @@ class MMEngineLayout(Layout):
             except FileNotFoundError:
                 continue
             candidates.append(Candidate(entry.name, match.group(1), int(match.group(2)), stat))
+        self._listed = (work_dir, candidates)
         return candidates, skipped
 
     def resume_target(self, work_dir: Path, names: set[str]) -> tuple[str | None, str]:
@@ -147,14 +163,46 @@ class MMEngineLayout(Layout):
                 folders.append(vis_data)
         return folders
 
+    def _complete(self, path: Path) -> bool:
+        try:
+            return self.format_check(path)[0] is not False
+        except OSError:  # removed meanwhile
+            return False
+
+    def _hub_raw(self, records: list[EvalRecord]) -> dict[str, list[float]]:
+        """Raw values of smoothed val keys from the message hub of the checkpoint written
+        last, for the keys whose logged means they reproduce (see mmengine_hub)."""
+        from ckptd.layouts.mmengine_hub import read_hub
+
+        keys = {k for r in records for k in r.metrics if SMOOTHED_KEY.search(k)}
+        if not keys or self._listed is None:
+            return {}
+        work_dir, candidates = self._listed
+        # The newest file may be being written (torch.save in place): then the one before it.
+        by_age = sorted(candidates, key=lambda c: (c.stat.mtime_ns, c.index), reverse=True)
+        last = next((c for c in by_age if self._complete(work_dir / c.name)), None)
+        hub = read_hub(work_dir, last.name) if last else None
+        if hub is None:
+            return {}
+        found = {}
+        for key in keys:
+            raw = hub.raw.get(key)
+            means = [r.metrics[key] for r in records if key in r.metrics]
+            if raw is not None and len(raw) <= len(means) and _means_match(raw, means):
+                found[key] = raw
+        return found
+
     def as_evaluated(self, records: list[EvalRecord]) -> list[EvalRecord]:
-        """Recover raw values of smoothed keys (e.g. ``val/loss``) from the running means.
+        """Recover raw values of smoothed keys (e.g. ``val/loss``).
 
         MMEngine writes mean(raw[n-9..n]) to scalars.json but picks the best by raw[n], so
-        comparing logged values would choose another epoch. The window carries across resumed
-        launches (the message hub is restored), so one pass over the records in order inverts
-        it. A NaN poisons the next window of means, as it does in MMEngine's own log.
+        comparing logged values would choose another epoch. The newest checkpoint's message
+        hub holds raw[0..k] (mmengine_hub); later ones are inverted from the running means,
+        whose window carries across resumed launches (the hub is restored), in one pass over
+        the records in order. Without the hub, a NaN poisons every later inversion (a window
+        mean holding it is NaN, and the values under it are then unknown).
         """
+        hub = self._hub_raw(records)
         history: dict[str, list[float]] = {}
         out = []
         for record in records:
@@ -163,6 +211,11 @@ class MMEngineLayout(Layout):
                 if not SMOOTHED_KEY.search(key):
                     continue
                 previous = history.setdefault(key, [])[-(SMOOTHING_WINDOW - 1) :]
+                known = hub.get(key, [])
+                if len(history[key]) < len(known):
+                    history[key].append(known[len(history[key])])
+                    metrics[key] = history[key][-1]
+                    continue
                 raw = mean * (len(previous) + 1) - sum(previous)
                 if math.isfinite(raw):
                     raw = float(f"{raw:.{RAW_DIGITS}g}")
@@ -170,3 +223,12 @@ class MMEngineLayout(Layout):
                 metrics[key] = raw
             out.append(EvalRecord(record.index, metrics, record.source, record.line))
         return out
+
+    def trainer_bests(
+        self, work_dir: Path, scan: WorkDirScan, records: list[EvalRecord]
+    ) -> list[TrainerBest]:
+        """CheckpointHook's best_ckpt/best_score, from the checkpoint written last (see
+        ckptd.layouts.mmengine_hub); nothing when the run does not use save_best."""
+        from ckptd.layouts.mmengine_hub import trainer_bests
+
+        return trainer_bests(work_dir, scan.checkpoints, records)

@@ -17,7 +17,15 @@ from typing import Any, TypeVar
 
 from ckptd.core.model import FileStat
 from ckptd.slim.errors import SlimError
-from ckptd.slim.safepickle import Inert, PickleRejected, load_inert, top_level
+from ckptd.slim.safepickle import (
+    MAX_PICKLE_BYTES,
+    Inert,
+    PickleRejected,
+    compact_pickle,
+    load_compacted,
+    load_inert,
+    top_level,
+)
 from ckptd.slim.torchzip import SourceArchive
 
 T = TypeVar("T")
@@ -25,27 +33,63 @@ _CACHE: OrderedDict[tuple[str, FileStat, str], Any] = OrderedDict()
 _CACHE_SIZE = 64
 
 
-def open_inert(path: Path, max_pickle: int, extract: Callable[[Any, SourceArchive], T]) -> T:
+def _load(archive: SourceArchive, max_pickle: int, stream: bool) -> Any:
+    if not stream:
+        return load_inert(archive.read("data.pkl", max_pickle))
+    entry = archive.entries.get("data.pkl")
+    if entry is None:
+        raise ValueError("no data.pkl record")
+    start = archive.data_offset(entry)
+
+    def read(offset: int, size: int) -> bytes:
+        return archive.pread(size, start + offset)
+
+    compacted = compact_pickle(read, entry.size, max_pickle)
+    if compacted.crc32 != entry.crc32:
+        raise ValueError("CRC mismatch in data.pkl")
+    return load_compacted(compacted, read)
+
+
+def open_inert(
+    path: Path,
+    extract: Callable[[Any, SourceArchive], T],
+    *,
+    max_pickle: int = MAX_PICKLE_BYTES,
+    stream: bool = False,
+) -> T:
     """``extract(inert data.pkl tree, archive)`` of a torch zip file, with the archive still
     open so that small records (e.g. a scalar tensor's bytes) can be read too.
 
+    ``stream``: leave long str/bytes payloads in the file (``Blob`` nodes), so that a pickle
+    whose bulk is such payloads (MMEngine's message hub: numpy arrays of every iteration's
+    scalars) costs ``max_pickle`` of memory at most, whatever its size on disk.
     Raises OSError, SlimError or PickleRejected when the file cannot be read.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         archive = SourceArchive(path, fd, os.fstat(fd).st_size)
-        return extract(load_inert(archive.read("data.pkl", max_pickle)), archive)
+        return extract(_load(archive, max_pickle, stream), archive)
     finally:
         os.close(fd)
 
 
-def read_inert_root(path: Path, max_pickle: int) -> Any:
+def read_inert_root(path: Path, *, max_pickle: int = MAX_PICKLE_BYTES, stream: bool = False) -> Any:
     """The inert ``data.pkl`` tree of a torch zip file (OSError, SlimError, PickleRejected)."""
-    return open_inert(path, max_pickle, lambda root, _archive: root)
+    return open_inert(path, lambda root, _archive: root, max_pickle=max_pickle, stream=stream)
 
 
-def peek(path: Path, what: str, max_pickle: int, extract: Callable[[Any], T]) -> T | None:
-    """``extract(inert root)`` for the file at ``path``, cached by its stat; None if unreadable."""
+def peek(
+    path: Path,
+    what: str,
+    extract: Callable[[Any], T],
+    *,
+    max_pickle: int = MAX_PICKLE_BYTES,
+    stream: bool = False,
+) -> T | None:
+    """``extract(inert root)`` for the file at ``path``, cached by its stat; None if unreadable.
+
+    ``extract`` must not keep ``Blob`` nodes of a ``stream`` read: the file is closed after.
+    """
     try:
         stat = FileStat.of(os.stat(path, follow_symlinks=False))
     except OSError:
@@ -55,7 +99,7 @@ def peek(path: Path, what: str, max_pickle: int, extract: Callable[[Any], T]) ->
         _CACHE.move_to_end(key)
         return _CACHE[key]
     try:
-        value = extract(read_inert_root(path, max_pickle))
+        value = extract(read_inert_root(path, max_pickle=max_pickle, stream=stream))
     except (OSError, SlimError, PickleRejected, ValueError, TypeError, KeyError):
         value = None
     _CACHE[key] = value

@@ -44,6 +44,7 @@ from ckptd.slim.errors import (
 from ckptd.slim.pickle_allowlist import ALLOWED_GLOBALS, STORAGE_TYPES
 from ckptd.slim.picklewriter import GlobalRefused, NotRepresentable, PickleWriter
 from ckptd.slim.safepickle import (
+    MAX_PICKLE_BYTES,
     Inert,
     InertGlobal,
     PickleRejected,
@@ -65,14 +66,6 @@ __all__ = [
 ]
 
 DEFAULT_KEEP_KEYS = ("meta", "state_dict")
-# torch.save puts tensor bytes in data/<key> records, so data.pkl mostly holds structure: about
-# 100-300 bytes per tensor (1 MB for ~5k tensors with their optimizer state). Parsing costs about
-# 12x its size in memory, so the 64 MiB RSS target holds up to ~3 MB; beyond 64 MiB the file is
-# refused rather than letting a hostile one take the daemon's memory. Long str/bytes payloads
-# do not count: MMEngine's message hub pickles numpy arrays of every iteration's scalars (~15 MB
-# after 12 COCO epochs, 200 MB after a million iterations); they are streamed past and left in
-# the file (``safepickle.compact_pickle``), read only if a kept key holds one.
-MAX_PICKLE_BYTES = 64 * 1024 * 1024
 _MAX_SMALL_RECORD = 64
 _MAX_ALIGNMENT = 1 << 20
 

@@ -5,8 +5,13 @@ BERT built from a config, nothing downloaded), the data and the metric values ar
 model really trains; ``compute_metrics`` returns values from lookup tables indexed by the
 evaluation's ordinal, so the metric rises and falls deterministically with no ties.
 
-``save_strategy='epoch'``, ``eval_strategy='epoch'``, no ``save_total_limit``: the Trainer keeps
-every ``checkpoint-N/`` and ckptd decides. ``metric_for_best_model`` makes the Trainer record
+By default ``save_strategy='epoch'``, ``eval_strategy='epoch'``, no ``save_total_limit``: the
+Trainer keeps every ``checkpoint-N/`` and ckptd decides. Options change those (``--strategy
+steps --eval-steps 2 --save-steps 4``, ``--load-best``, ``--save-total-limit``); ``--values``
+gives the metric's value per optimizer step (``values[global_step - 1]``, wrapping), so that a
+resumed run evaluates what an uninterrupted one would. The result JSON lists every evaluation
+(step, metrics) of ``log_history`` and every step the Trainer saved, for tests to compute their
+own oracle. ``metric_for_best_model`` makes the Trainer record
 its own ``best_model_checkpoint`` in ``trainer_state.json``, which the tests compare with
 ckptd's choice.
 
@@ -21,6 +26,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 # Strict maximum of accuracy at evaluation 2 (epoch 3), strict minimum of "score_loss" at
 # evaluation 3 (epoch 4); no ties, so the Trainer's strict comparison has one answer.
@@ -37,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", default="accuracy", help="metric_for_best_model")
     parser.add_argument("--greater-is-better", choices=("auto", "true", "false"), default="auto")
     parser.add_argument("--resume", action="store_true", help="resume_from_checkpoint=True")
+    parser.add_argument("--strategy", choices=("epoch", "steps"), default="epoch")
+    parser.add_argument("--eval-steps", type=int, default=None)
+    parser.add_argument("--save-steps", type=int, default=None)
+    parser.add_argument("--load-best", action="store_true", help="load_best_model_at_end=True")
+    parser.add_argument("--save-total-limit", type=int, default=None)
+    parser.add_argument(
+        "--values", default=None, help="comma-separated value of --metric per step ('nan' ok)"
+    )
     parser.add_argument("--result", required=True, help="JSON summary written here")
     args = parser.parse_args(argv)
 
@@ -45,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         BertConfig,
         BertForSequenceClassification,
         Trainer,
+        TrainerCallback,
         TrainingArguments,
     )
     from transformers.utils import logging as hf_logging
@@ -81,11 +96,21 @@ def main(argv: list[str] | None = None) -> int:
             }
 
     evaluations = [0]
+    per_step = [float(v) for v in args.values.split(",")] if args.values else None
+    saved: list[int] = []
 
     def compute_metrics(_prediction) -> dict[str, float]:
         n = evaluations[0] % len(ACCURACY)
         evaluations[0] += 1
-        return {"accuracy": ACCURACY[n], "score_loss": SCORE_LOSS[n]}
+        found = {"accuracy": ACCURACY[n], "score_loss": SCORE_LOSS[n]}
+        if per_step:
+            step = trainer.state.global_step  # the closure reads it at evaluation time
+            found[args.metric] = per_step[(step - 1) % len(per_step)]
+        return found
+
+    class RecordSaves(TrainerCallback):
+        def on_save(self, _args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            saved.append(state.global_step)
 
     greater = {"auto": None, "true": True, "false": False}[args.greater_is_better]
     training_args = TrainingArguments(
@@ -94,8 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         per_device_train_batch_size=BATCH,
         per_device_eval_batch_size=BATCH,
         learning_rate=1e-3,
-        save_strategy="epoch",
-        eval_strategy="epoch",
+        save_strategy=args.strategy,
+        eval_strategy=args.strategy,
+        eval_steps=args.eval_steps,
+        save_steps=args.save_steps or 500,
+        load_best_model_at_end=args.load_best,
+        save_total_limit=args.save_total_limit,
         logging_steps=2,
         metric_for_best_model=args.metric,
         greater_is_better=greater,
@@ -111,12 +140,20 @@ def main(argv: list[str] | None = None) -> int:
         train_dataset=Data(),
         eval_dataset=Data(),
         compute_metrics=compute_metrics,
+        callbacks=[RecordSaves()],
     )
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     result = {
         "best_model_checkpoint": trainer.state.best_model_checkpoint,
         "best_metric": trainer.state.best_metric,
         "global_step": trainer.state.global_step,
+        "best_global_step": trainer.state.best_global_step,
+        "evaluations": [
+            [e["step"], {k: v for k, v in e.items() if k.startswith("eval_")}]
+            for e in trainer.state.log_history
+            if any(k.startswith("eval_") for k in e)
+        ],
+        "saved": saved,
         "seconds": time.monotonic() - started,
     }
     Path(args.result).write_text(json.dumps(result, indent=2))

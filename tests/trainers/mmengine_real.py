@@ -32,6 +32,7 @@ in the trainer's environment (``weights_only_fix='env'``), which turns the restr
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -261,7 +262,9 @@ def build_cfg(
     max_keep_ckpts: int = -1,
     save_best: str | list[str] | None = None,
     rule: str | list[str] | None = None,
+    save_last: bool = True,
     resume: bool = False,
+    load_from: str | None = None,
     ema: bool = False,
     seed: int = 0,
     metric: str = "coco",
@@ -276,6 +279,7 @@ def build_cfg(
         "interval": checkpoint_interval or (1 if by_epoch else val_interval),
         "by_epoch": by_epoch,
         "max_keep_ckpts": max_keep_ckpts,
+        "save_last": save_last,
     }
     if save_best is not None:
         ckpt["save_best"] = save_best
@@ -341,7 +345,8 @@ def build_cfg(
         "randomness": {"seed": seed, "deterministic": True},
         "launcher": "none",
         "resume": resume,
-        "load_from": None,
+        # With resume=True, the checkpoint to resume from instead of last_checkpoint's.
+        "load_from": load_from,
         "default_scope": "mmengine",
     }
     hooks = []
@@ -418,6 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--save-best", default=None, help="'auto', a key, or keys joined by ','")
     p.add_argument("--rule", default=None, help="greater|less, or one per key joined by ','")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume-from", default=None, help="with --resume: this checkpoint")
+    p.add_argument("--no-save-last", action="store_true", help="CheckpointHook save_last=False")
+    p.add_argument("--result", default=None, help="write a JSON summary here")
     p.add_argument("--ema", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metric", choices=("coco", "loss"), default="coco")
@@ -441,7 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_keep_ckpts=a.max_keep_ckpts,
         save_best=_save_best(a.save_best),
         rule=rule,
+        save_last=not a.no_save_last,
         resume=a.resume,
+        load_from=a.resume_from,
         ema=a.ema,
         seed=a.seed,
         metric=a.metric,
@@ -453,6 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         epoch_seconds=a.epoch_seconds,
     )
     print(f"log_dir={res.log_dir} wall_seconds={res.wall_seconds:.2f}", file=sys.stderr)
+    if a.result:
+        summary = {"log_dir": str(res.log_dir), "wall_seconds": res.wall_seconds}
+        Path(a.result).write_text(json.dumps(summary))
     return 0
 
 
