@@ -2,7 +2,7 @@
 
 Used by ``ckptd demo``, the integration/crash tests and the benchmarks, where a real MMEngine
 run is too slow or too rigid. What it reproduces (checked against a real run by
-``tests/test_simulate.py`` and the recorded run in ``tests/data/reference/mmengine``;
+``tests/integration/test_simulate.py`` and the recorded run in ``tests/data/reference/mmengine``;
 see docs/DESIGN.md):
 
 * per launch: ``<ts>/<ts>.log``, ``<ts>/vis_data/{config.py,<ts>.json,scalars.json}`` and a

@@ -1,7 +1,7 @@
 """Globals a slim artifact may reference: a subset of what torch 2.13's ``weights_only`` loader
 accepts by default (``torch._weights_only_unpickler._get_allowed_globals``).
 
-Kept as data so the daemon never imports torch; ``tests/test_safepickle.py`` checks that every
+Kept as data so the daemon never imports torch; ``tests/unit/test_safepickle.py`` checks that every
 entry is still accepted by the installed torch. Left out on purpose: the legacy typed tensor
 classes (``torch.FloatTensor``, ``torch.cuda.*Tensor``, ``torch.sparse.*Tensor``),
 ``torch.storage.TypedStorage`` and ``torch._utils._rebuild_device_tensor_from_numpy`` (its

@@ -1,9 +1,10 @@
 """Make modules unimportable in a child process, and record every attempt to import them.
 
-``tests/test_torch_optional.py`` puts this folder first on the child's ``PYTHONPATH``; Python
-imports ``sitecustomize`` at startup, before any ckptd code. ``CKPTD_TEST_BLOCK`` lists the
-top-level modules (``torch,numpy``); each attempt is appended to ``CKPTD_TEST_BLOCK_LOG`` at
-once, because code may catch the ImportError and the process may be killed before it exits.
+``tests/integration/test_torch_optional.py`` puts this folder first on the child's
+``PYTHONPATH``; Python imports ``sitecustomize`` at startup, before any ckptd code.
+``CKPTD_TEST_BLOCK`` lists the top-level modules (``torch,numpy``); each attempt is appended to
+``CKPTD_TEST_BLOCK_LOG`` at once, because code may catch the ImportError and the process may be
+killed before it exits.
 """
 
 from __future__ import annotations

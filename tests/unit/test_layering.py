@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "ckptd"
 ARCHITECTURE = REPO / "docs" / "ARCHITECTURE.md"
 
@@ -115,7 +115,7 @@ def test_every_module_is_in_a_layer() -> None:
         if (p.parent == PACKAGE and p.name not in ("__init__.py", "__main__.py"))
         or (p.parent != PACKAGE and p.relative_to(PACKAGE).parts[0] not in LAYERS)
     ]
-    assert not stray, f"not in any layer of tests/test_layering.py's LAYERS: {stray}"
+    assert not stray, f"not in any layer of tests/unit/test_layering.py's LAYERS: {stray}"
 
 
 def test_every_import_resolves() -> None:

@@ -5,8 +5,8 @@ opcode, placed in every part of the best checkpoint, go through ``ckptd status``
 ``_metadata``, or the pickle's root) fails the slim with a message naming the key and the
 global, and nothing is deleted in that work_dir; one in a dropped key never reaches the artifact.
 
-The slimmer's own unit tests (tests/test_slim.py, tests/test_safepickle.py) cover the opcode
-handling; this file checks the whole path, with the daemon and the CLI around it.
+The slimmer's own tests (tests/integration/test_slim.py, tests/unit/test_safepickle.py) cover
+the opcode handling; this file checks the whole path, with the daemon and the CLI around it.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from ckptd.core.model import EvalRecord
 from ckptd.layouts import choose_layout, detect_layouts
 from ckptd.layouts.mmengine import MMEngineLayout
 
-REFERENCE = Path(__file__).parent / "data" / "reference" / "mmengine"
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "reference" / "mmengine"
 
 
 def reference_work_dir(tmp_path: Path) -> Path:

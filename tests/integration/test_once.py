@@ -8,10 +8,10 @@ import shutil
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from ckptd.engine.state import WorkDirLock
+from tests.conftest import VALUES
 from tests.helpers import (
     assert_same_state_dict,
     checkpoints,
@@ -23,16 +23,6 @@ from tests.helpers import (
     simulate,
     write_config,
 )
-
-# rises and falls; strict maximum at epoch 4 (0.5), a later tie at epoch 6 must not win
-VALUES = [0.3, 0.45, 0.4, 0.5, 0.48, 0.5]
-
-
-@pytest.fixture
-def run(tmp_path: Path) -> Path:
-    work_dir = simulate(tmp_path / "work_dirs" / "retinanet", epochs=6, metric_values=VALUES)
-    write_config(tmp_path)
-    return work_dir
 
 
 def once(root: Path, *extra: str) -> tuple[int, str, str]:

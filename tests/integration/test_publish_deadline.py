@@ -20,22 +20,22 @@ from ckptd.publish.store import TEMP_PREFIX
 from tests.daemon_proc import DaemonProcess
 from tests.faults.stores import FreezingProxy, HangingServer
 from tests.helpers import checkpoints, write_config
-from tests.test_publish import (
+from tests.integration.s3 import (
     BUCKET,
     PUBLISH,
     MotoServer,
     assert_mirrors_local,
-    aws_env,  # noqa: F401 (autouse: fake credentials, fast ckptd retries)
     config_error,
     epochs,
     free_port,
     names,
     once,
     remote_root,
-    shared_server,  # noqa: F401 (the module's moto_server)
     status,
     trainer,
 )
+
+pytestmark = pytest.mark.usefixtures("aws_env")
 
 DEADLINE = 6.0  # against a store that hangs from the first request; the process starts in 1-3 s
 # Enough for a whole publish to moto on a loaded 2-core CI box (about 5 s seen there): the
@@ -115,7 +115,7 @@ def test_a_hanging_store_holds_once_only_until_the_deadline(tmp_path: Path, mode
 
 def test_a_store_freezing_mid_upload_never_shows_a_partial_best(
     tmp_path: Path,
-    shared_server: MotoServer,  # noqa: F811 (the fixture imported above)
+    shared_server: MotoServer,
 ) -> None:
     """Killed while the new manifest is moved in place: readers keep the previous best, whole;
     the next attempt removes the leftover upload and publishes."""
@@ -159,7 +159,7 @@ def test_a_store_freezing_mid_upload_never_shows_a_partial_best(
 
 def test_a_deadline_after_the_manifest_leaves_only_the_clean_up(
     tmp_path: Path,
-    shared_server: MotoServer,  # noqa: F811 (the fixture imported above)
+    shared_server: MotoServer,
 ) -> None:
     """Killed while removing the replaced best: the new manifest is in place and recorded as
     such, the old file is still to remove, and the next attempt removes it."""
@@ -316,7 +316,7 @@ def test_ckptd_run_logs_the_deadline_and_stops_with_no_publisher_left(tmp_path: 
 
 def test_leftover_multipart_uploads_of_temporary_keys_are_aborted(
     tmp_path: Path,
-    shared_server: MotoServer,  # noqa: F811 (the fixture imported above)
+    shared_server: MotoServer,
 ) -> None:
     """What a kill in the middle of a large upload leaves on S3: the parts of an unfinished
     multipart upload to a temporary key. The next attempt aborts it, and only it."""

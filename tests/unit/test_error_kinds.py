@@ -9,7 +9,7 @@ from pathlib import Path
 from ckptd.engine.outcome import ErrorKind
 from ckptd.service.metrics import ERROR_KINDS
 
-PACKAGE = Path(__file__).resolve().parent.parent / "ckptd"
+PACKAGE = Path(__file__).resolve().parents[2] / "ckptd"
 
 
 def emitted_kinds() -> dict[str, list[str]]:

@@ -6,7 +6,7 @@ best must be ``trainer_state.json``'s ``best_model_checkpoint``, the artifact fo
 that checkpoint's ``model.safetensors`` (tensor for tensor) and ``config.json`` and nothing of
 the optimizer, scheduler or RNG, and ckptd must keep exactly the newest ``keep_last`` folders
 and ``best_model_checkpoint`` (which the Trainer reads again). More settings:
-``tests/test_differential_hf.py``.
+``tests/trainers/test_differential_hf.py``.
 The other tests build folders by hand from the reference ``trainer_state.json``.
 """
 

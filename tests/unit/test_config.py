@@ -9,7 +9,7 @@ import pytest
 from ckptd.core.config import ConfigError, effective_config_yaml, load_config
 from ckptd.core.units import format_duration, format_size, parse_duration, parse_size
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, text: str) -> Path:

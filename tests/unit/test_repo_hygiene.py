@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DESIGN = "docs/DESIGN.md"
 # This file spells the patterns out; everything else tracked is scanned.
 SELF = PurePosixPath(Path(__file__).resolve().relative_to(REPO).as_posix())

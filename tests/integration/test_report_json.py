@@ -8,20 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import pytest
 
 from ckptd.engine.state import WorkDirLock
-from tests.helpers import REPO, checkpoints, cli, simulate, write_config
+from tests.helpers import REPO, checkpoints, cli
 
 SCHEMA = json.loads((REPO / "docs" / "report.schema.json").read_text())
-VALUES = [0.3, 0.45, 0.4, 0.5, 0.48, 0.5]
-
-
-@pytest.fixture
-def run(tmp_path: Path) -> Path:
-    work_dir = simulate(tmp_path / "work_dirs" / "retinanet", epochs=6, metric_values=VALUES)
-    write_config(tmp_path)
-    return work_dir
 
 
 def as_json(root: Path, command: str, *extra: str) -> dict[str, Any]:

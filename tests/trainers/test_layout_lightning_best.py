@@ -18,7 +18,7 @@ from ckptd.core.model import EvalRecord, WorkDirScan
 from ckptd.layouts import lightning_ckpt
 from ckptd.layouts.lightning import LightningLayout
 from tests.helpers import REPO, manifest, once_ok, run_harness, run_harness_batch
-from tests.test_layout_lightning import CKPTS, assert_artifact_is, ckpt_files
+from tests.trainers.test_layout_lightning import CKPTS, assert_artifact_is, ckpt_files
 
 HARNESS = REPO / "tests" / "trainers" / "lightning_real.py"
 STATE_KEY = "ModelCheckpoint{'monitor': 'val_acc', 'mode': 'max', 'every_n_train_steps': 0}"

@@ -24,7 +24,7 @@ import torch
 
 from ckptd.demo.simulate import HistoryBuffer, SimConfig, SimulatedTrainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REAL = ROOT / "tests" / "trainers" / "mmengine_real.py"
 TS = re.compile(r"\d{8}_\d{6}")
 # Runs the simulator CLI for several (work_dir, events file, args) jobs in one fresh process,

@@ -33,7 +33,7 @@ from ckptd.cli.commands import build_parser
 from ckptd.core.config import LoadedConfig, parse_config
 from tests.helpers import python_for_uid
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 SYSTEMD = DEPLOY / "systemd"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
