@@ -1,4 +1,4 @@
-"""What the differential tests (tests/test_differential_*.py) share: seeds, drawn metric
+"""What the differential tests (tests/trainers/test_differential_*.py) share: seeds, drawn metric
 sequences, the trainers' strict-improvement fold, and the idempotence check."""
 
 from __future__ import annotations
