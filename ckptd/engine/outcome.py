@@ -63,11 +63,19 @@ class DeleteOutcome:
     detail: str = ""
 
 
+class PublishStatus(StrEnum):
+    PUBLISHED = "published"  # this attempt changed the remote side
+    IN_SYNC = "in sync"
+    NOTHING = "nothing to publish"  # no local manifest yet
+    PENDING = "pending"  # to be published (or retried soon)
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # ckptd stopped; resumes at start
+
+
 @dataclass(slots=True)
 class PublishOutcome:
     url: str
-    # published | in sync | nothing to publish | pending | failed | cancelled | skipped
-    status: str
+    status: PublishStatus
     manifest_sha256: str = ""  # of the manifest in place at url, as far as ckptd knows
     files: dict[str, str] = field(default_factory=dict)  # file -> sha256 named by it
     time: str = ""  # when it was put in place
@@ -87,7 +95,7 @@ class PublishOutcome:
 
     @property
     def pending(self) -> bool:
-        return self.status in ("pending", "failed", "cancelled")
+        return self.status in (PublishStatus.PENDING, PublishStatus.FAILED, PublishStatus.CANCELLED)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

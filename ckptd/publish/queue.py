@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptd.core.timings import TIMINGS, Timings
-from ckptd.engine.outcome import PublishOutcome
+from ckptd.engine.outcome import PublishOutcome, PublishStatus
 from ckptd.engine.state import WorkDirLock
 from ckptd.engine.targets import Target
 from ckptd.publish.sync import publish
@@ -105,7 +105,9 @@ class PublishQueue:
         except Exception as exc:  # a bug, not the store: keep the thread alive, retry later
             where = {"fields": {"work_dir": str(job.target.work_dir)}}
             log.exception("publish crashed; will retry", extra=where)
-            outcome = PublishOutcome(str(job.target.work_dir), "failed", error=repr(exc))
+            outcome = PublishOutcome(
+                str(job.target.work_dir), PublishStatus.FAILED, error=repr(exc)
+            )
         now = time.monotonic()
         with self._cond:
             if outcome.retry_soon:
@@ -114,6 +116,6 @@ class PublishQueue:
                 job.failures += 1
                 job.backoff_until = now + self.timings.backoff(job.failures)
                 job.due = min(job.due, job.backoff_until)
-            elif outcome.status != "cancelled":
+            elif outcome.status is not PublishStatus.CANCELLED:
                 job.failures, job.backoff_until = 0, 0.0
         return outcome

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptd.engine.artifacts import MANIFEST, ArtifactEntry, now_iso
-from ckptd.engine.outcome import ErrorKind, PublishOutcome
+from ckptd.engine.outcome import ErrorKind, PublishOutcome, PublishStatus
 from ckptd.engine.state import (
     LockBusy,
     PublishState,
@@ -67,7 +67,7 @@ def parse_local(folder: Path, raw: bytes) -> tuple[dict[str, Any], dict[str, Art
     return data, entries
 
 
-def _from_state(url: str, status: str, state: PublishState) -> PublishOutcome:
+def _from_state(url: str, status: PublishStatus, state: PublishState) -> PublishOutcome:
     outcome = PublishOutcome(url, status, failures=state.failures, timeouts=state.timeouts)
     if state.url == url:
         outcome.manifest_sha256, outcome.files = state.manifest_sha256, dict(state.files)
@@ -83,15 +83,17 @@ def publish_status(target: Target) -> PublishOutcome:
     try:
         local = _read_local(target.artifact_dir)
     except PublishError as exc:
-        return PublishOutcome(url, "failed", error=str(exc))
+        return PublishOutcome(url, PublishStatus.FAILED, error=str(exc))
     if local is None:
-        return _from_state(url, "nothing to publish", state)
+        return _from_state(url, PublishStatus.NOTHING, state)
     in_place = state.url == url and state.manifest_sha256 == sha256_of(local[0])
-    outcome = _from_state(url, "in sync" if in_place and not state.stale else "pending", state)
-    if state.last_error and outcome.status == "pending":
-        outcome.status = "failed"
+    outcome = _from_state(
+        url, PublishStatus.IN_SYNC if in_place and not state.stale else PublishStatus.PENDING, state
+    )
+    if state.last_error and outcome.status == PublishStatus.PENDING:
+        outcome.status = PublishStatus.FAILED
         outcome.detail = f"last attempt {state.last_attempt}: {state.last_error}"
-    elif outcome.status == "pending":
+    elif outcome.status == PublishStatus.PENDING:
         outcome.detail = "the local best is newer" if not in_place else "replaced objects remain"
     return outcome
 
@@ -115,14 +117,14 @@ def publish(
     state = load_publish_state(target.work_dir)
     if state.url != url:  # the config moved publishing elsewhere: the old place is left alone
         state = PublishState(url=url, uploads=state.uploads, uploaded_bytes=state.uploaded_bytes)
-    outcome = PublishOutcome(url, "failed")
+    outcome = PublishOutcome(url, PublishStatus.FAILED)
     try:
         local = _read_local(target.artifact_dir)
         if local is None:
-            return _from_state(url, "nothing to publish", state)
+            return _from_state(url, PublishStatus.NOTHING, state)
         sha = sha256_of(local[0])
         if state.manifest_sha256 == sha and not state.stale and (url, sha) in (confirmed or ()):
-            return _from_state(url, "in sync", state)
+            return _from_state(url, PublishStatus.IN_SYNC, state)
         state.last_attempt = now_iso()
         if deadline is None:
             deadline = time.monotonic() + timeout_of(target)
@@ -133,16 +135,28 @@ def publish(
             outcome.uploads, outcome.uploaded_bytes = attempt.uploads, attempt.uploaded_bytes
             outcome.removed = attempt.removed
             if attempt.in_place:  # even if removing replaced objects failed afterwards
-                outcome.status = "published" if attempt.changed_remote else "in sync"
+                outcome.status = (
+                    PublishStatus.PUBLISHED if attempt.changed_remote else PublishStatus.IN_SYNC
+                )
         if confirmed is not None:
             confirmed.add((url, sha))
     except PublishCancelled:
-        outcome.status, outcome.detail = "cancelled", "ckptd stopped; publishing resumes at start"
+        outcome.status, outcome.detail = (
+            PublishStatus.CANCELLED,
+            "ckptd stopped; publishing resumes at start",
+        )
     except LocalChanged as exc:  # not a failure: the newer best is published next
-        outcome.status, outcome.detail, outcome.retry_soon = "pending", exc.args[0], True
+        outcome.status, outcome.detail, outcome.retry_soon = (
+            PublishStatus.PENDING,
+            exc.args[0],
+            True,
+        )
     except Exception as exc:
-        if outcome.status not in ("published", "in sync"):  # else: only the cleanup failed
-            outcome.status = "failed"
+        if outcome.status not in (
+            PublishStatus.PUBLISHED,
+            PublishStatus.IN_SYNC,
+        ):  # else: only the cleanup failed
+            outcome.status = PublishStatus.FAILED
         outcome.error = exc.args[0] if isinstance(exc, PublishError) else _describe(url, exc)
         outcome.timed_out = isinstance(exc, PublishTimeout)
         state.failures += 1
@@ -151,7 +165,7 @@ def publish(
     finally:
         state.uploads += outcome.uploads
         state.uploaded_bytes += outcome.uploaded_bytes
-        if outcome.status not in ("nothing to publish", "in sync"):
+        if outcome.status not in (PublishStatus.NOTHING, PublishStatus.IN_SYNC):
             with contextlib.suppress(OSError):
                 save_publish_state(target.work_dir, state)
     outcome.failures, outcome.timeouts = state.failures, state.timeouts

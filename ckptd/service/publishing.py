@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ckptd.engine.outcome import PublishOutcome, WorkDirReport
+from ckptd.engine.outcome import PublishOutcome, PublishStatus, WorkDirReport
 from ckptd.engine.state import WorkDirLock
 from ckptd.engine.targets import Target
 from ckptd.service.metrics import DaemonMetrics
@@ -49,7 +49,7 @@ class PublishRelay:
     def _published(self, target: Target, outcome: PublishOutcome) -> None:
         where = {"fields": {"work_dir": str(target.work_dir), "url": outcome.url}}
         where["fields"]["action"] = "publish"
-        if outcome.status == "published":
+        if outcome.status is PublishStatus.PUBLISHED:
             files = ", ".join(sorted(outcome.files)) or "no files"
             log.info(f"publish: {outcome.url} now names {files}", extra=where)
         elif outcome.failed:
