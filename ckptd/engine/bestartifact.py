@@ -1,4 +1,4 @@
-"""The act step for best artifacts: slim each new best, publish it in the manifest, and only
+"""The act step for best artifacts: slim each new best, name it in the manifest, and only
 then remove the artifact it replaces, so a complete best artifact exists at every instant."""
 
 from __future__ import annotations
