@@ -1,7 +1,7 @@
 """The best-artifact folder: its manifest, and the rule for when an artifact is up to date.
 
-``manifest.json`` is the artifact folder's truth: it is replaced atomically and only ever names files
-that are complete and durable, so a reader that trusts it never sees a partial artifact.
+``manifest.json`` is the artifact folder's truth: it is replaced atomically and only ever names
+files that are complete and durable, so a reader that trusts it never sees a partial artifact.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ written. The zip's central directory and ``data.pkl`` are read (the latter as in
 global checked against what ``torch.load(weights_only=True)`` accepts; the ``data/<key>``
 storages those keys reference are renumbered in first-use order (as ``torch.save`` numbers them)
 and copied in the kernel. The output is read back in a second thread for its sha256 and the CRC
-of every copied storage, and it is written with ``ckptd.fs.durable.atomic_output`` (temp file, fsync, rename).
+of every copied storage, and it is written with ``ckptd.fs.durable.atomic_output`` (temp file,
+fsync, rename).
 """
 
 from __future__ import annotations
