@@ -115,17 +115,25 @@ def _version() -> str:
     return __version__
 
 
-def _load(args: argparse.Namespace):  # -> LoadedConfig
-    from ckptd.core.config import load_config
+def _load(args: argparse.Namespace, warn: bool = True):  # -> LoadedConfig
+    import logging
 
-    return load_config(args.config or _default_config())
+    from ckptd.core.config import deprecations, load_config
+
+    loaded = load_config(args.config or _default_config())
+    if warn:  # once per start: a daemon's passes never repeat it
+        for note in deprecations(loaded.config):
+            logging.getLogger("ckptd.config").warning(f"{loaded.path}: {note}")
+    return loaded
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from ckptd.core.config import effective_config_yaml
+    from ckptd.core.config import deprecations, effective_config_yaml
 
-    loaded = _load(args)
+    loaded = _load(args, warn=False)
     print(f"# {loaded.path}: valid. Effective configuration (defaults filled in):")
+    for note in deprecations(loaded.config):
+        print(f"# note: {note}")  # a comment, so the output stays a valid config
     print(effective_config_yaml(loaded), end="")
     return EXIT_OK
 

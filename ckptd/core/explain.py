@@ -59,7 +59,7 @@ _TEXT: dict[RuleId, Callable[[Mapping[str, Any]], str]] = {
     RuleId.TRAINER_HOLDS: lambda d: str(d["why"]),
     RuleId.KEEP_LAST: lambda d: f"keep_last #{d['rank']}",
     RuleId.KEEP_EVERY: lambda d: f"keep_every {d['every']} ({d['unit']} {d['index']})",
-    RuleId.KEEP_BEST_FULL: lambda d: f"keep_best_full ({d['metric']})",
+    RuleId.KEEP_BEST: lambda d: f"keep_best #{d['rank']} ({d['metric']} = {d['value']:.6g})",
     RuleId.NOT_KEPT: _not_kept,
     RuleId.MAX_TOTAL_SIZE: _over_budget,
     RuleId.HELD_BY_ERRORS: lambda d: (

@@ -85,6 +85,16 @@ class Best:
 
 
 @dataclass(frozen=True, slots=True)
+class Ranked:
+    """One of the k best evaluations of a metric that have a checkpoint (rank 1 is the best)."""
+
+    key: str
+    rank: int
+    index: int
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
 class TrainerBest:
     """The best as the trainer itself recorded it, read from its own files.
 
