@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
 from pathlib import Path
 
-from tests.helpers import checkpoints, cli, cli_process, simulate, write_config
+import jsonschema
+
+from tests.helpers import REPO, checkpoints, cli, cli_process, simulate, write_config
 
 KEY = "coco/bbox_mAP"
 
@@ -63,5 +66,23 @@ def test_status_draws_each_metrics_history_with_best_and_kept_marks(tmp_path: Pa
     # never in --json, and not in the listing of once
     code, out, _ = cli("status", "-c", str(config), "--json")
     assert code == 0 and "history" not in out
+    schema = json.loads((REPO / "docs" / "report.schema.json").read_text())
+    jsonschema.validate(json.loads(out), schema)
+    rules = {c["name"]: c["rules"] for c in json.loads(out)["work_dirs"][0]["checkpoints"]}
+    assert rules["epoch_2.pth"] == ["best_artifact_pending", "keep_best"]
+    assert rules["epoch_6.pth"][-1] == "keep_best"
     code, out, _ = cli("once", "--dry-run", "-c", str(config))
     assert code == 0 and "history" not in out
+
+
+def test_check_shows_the_default_and_the_deprecated_key(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    code, out, _ = cli("check", "-c", str(config))
+    assert code == 0 and "    keep_best: 0\n" in out and "keep_best_full" not in out
+    config = write_config(tmp_path, retention={"keep_best_full": True})
+    code, out, err = cli("check", "-c", str(config))
+    assert code == 0 and "    keep_best: 1\n" in out, out + err
+    assert "# note: projects[0].retention.keep_best_full is deprecated; write keep_best: 1" in out
+    # the other commands log it once, at start
+    code, out, err = cli("once", "--dry-run", "-c", str(config))
+    assert err.count("keep_best_full is deprecated") == 1, err
