@@ -23,6 +23,8 @@ def _not_kept(d: Mapping[str, Any]) -> str:
     parts = [f"older than the {d['keep_last']} newest"]
     if d.get("keep_every"):
         parts.append(f"{d['index']} is not a multiple of keep_every {d['keep_every']}")
+    if d.get("keep_best"):
+        parts.append(f"not among the {d['keep_best']} best")
     parts.append(EVALUATION[d["evaluation"]].format(unit=d.get("unit", "index")))
     return "; ".join(parts)
 

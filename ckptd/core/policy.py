@@ -378,6 +378,7 @@ def _delete_reason(c: Checkpoint, given: PolicyInput, retention: RetentionConfig
     detail = {
         "keep_last": retention.keep_last,
         "keep_every": retention.keep_every,
+        "keep_best": retention.keep_best,
         "unit": c.unit,
         "index": c.index,
         "evaluation": evaluation,

@@ -171,6 +171,7 @@ def test_keep_best_k_per_metric_and_only_the_first_k() -> None:
         "keep_best #2 (coco/bbox_mAP = 0.4); keep_best #1 (val/loss = 0.2)"
     )
     assert text_of(p, "epoch_2.pth") == "keep_best #2 (val/loss = 0.3)"
+    assert text_of(p, "epoch_1.pth") == "older than the 1 newest; not among the 2 best; evaluated"
     # a ranked evaluation whose checkpoint is gone keeps nothing (and is no error)
     p = plan(given([c for c in cps if c.index != 3], ranked=ranked), RetentionConfig(keep_best=2))
     assert "epoch_3.pth" not in {d.checkpoint.name for d in p.decisions}
