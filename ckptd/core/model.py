@@ -133,5 +133,9 @@ class WorkDirScan:
     resume_note: str = ""
     problems: list[Problem] = field(default_factory=list)
 
+    def checkpoint_named(self, name: str) -> Checkpoint | None:
+        # layouts/lightning_best.py: the trainer's record names its best file
+        return next((c for c in self.checkpoints if c.name == name), None)
+
     def checkpoint_at(self, index: int) -> Checkpoint | None:
         return next((c for c in self.checkpoints if c.index == index), None)
