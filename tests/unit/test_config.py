@@ -29,6 +29,7 @@ def test_repo_default_config_is_valid_and_watches_work_dirs() -> None:
     project = loaded.config.projects[0]
     assert project.work_dirs == ["./work_dirs/*"]
     assert project.retention.keep_last == 2
+    assert project.retention.keep_best == 0 and project.retention.keep_best_full is None
     assert project.retention.pending_eval_grace == 3600
     assert loaded.config.watch.resync_interval == 300
 
