@@ -115,17 +115,25 @@ def _version() -> str:
     return __version__
 
 
-def _load(args: argparse.Namespace):  # -> LoadedConfig
-    from ckptd.core.config import load_config
+def _load(args: argparse.Namespace, warn: bool = True):  # -> LoadedConfig
+    import logging
 
-    return load_config(args.config or _default_config())
+    from ckptd.core.config import deprecations, load_config
+
+    loaded = load_config(args.config or _default_config())
+    if warn:  # once per start: a daemon's passes never repeat it
+        for note in deprecations(loaded.config):
+            logging.getLogger("ckptd.config").warning(f"{loaded.path}: {note}")
+    return loaded
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from ckptd.core.config import effective_config_yaml
+    from ckptd.core.config import deprecations, effective_config_yaml
 
-    loaded = _load(args)
+    loaded = _load(args, warn=False)
     print(f"# {loaded.path}: valid. Effective configuration (defaults filled in):")
+    for note in deprecations(loaded.config):
+        print(f"# note: {note}")  # a comment, so the output stays a valid config
     print(effective_config_yaml(loaded), end="")
     return EXIT_OK
 
@@ -146,9 +154,10 @@ def _pass(args: argparse.Namespace, dry_run: bool) -> tuple[list, list[str]]:
     return reports, found.notes
 
 
-def _print_pass(args: argparse.Namespace, dry_run: bool, summary: bool) -> int:
+def _print_pass(args: argparse.Namespace, dry_run: bool, summary: bool, charts: bool) -> int:
     from ckptd.core.units import format_size
-    from ckptd.present.report import format_report, report_json
+    from ckptd.present.report import INDENT, format_report, report_json
+    from ckptd.present.sparkline import ChartStyle
 
     reports, notes = _pass(args, dry_run=dry_run)
     if args.json:
@@ -156,8 +165,9 @@ def _print_pass(args: argparse.Namespace, dry_run: bool, summary: bool) -> int:
     else:
         for note in notes:
             print(f"note: {note}")
+        style = ChartStyle.for_stream(sys.stdout, INDENT) if charts else None
         for report in reports:
-            print(format_report(report))
+            print(format_report(report, style))
         if summary:
             reclaimed = sum(r.reclaimed_bytes for r in reports)
             failed = sum(r.failed for r in reports)
@@ -170,12 +180,13 @@ def _print_pass(args: argparse.Namespace, dry_run: bool, summary: bool) -> int:
 
 
 def cmd_once(args: argparse.Namespace) -> int:
-    return _print_pass(args, dry_run=args.dry_run, summary=True)
+    return _print_pass(args, dry_run=args.dry_run, summary=True, charts=False)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     # status is a dry run: the plan as it stands, read without taking locks or writing
-    return _print_pass(args, dry_run=True, summary=False)
+    # with each metric's history drawn: status is read by people at a terminal
+    return _print_pass(args, dry_run=True, summary=False, charts=True)
 
 
 def _slim_destination(args: argparse.Namespace) -> tuple[Path, str]:

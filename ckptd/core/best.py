@@ -11,7 +11,7 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
 from ckptd.core.config import BestConfig
-from ckptd.core.model import Best, BestDispute, EvalRecord, Problem, TrainerBest
+from ckptd.core.model import Best, BestDispute, EvalRecord, Problem, Ranked, TrainerBest
 
 # mmengine/hooks/checkpoint_hook.py: CheckpointHook._default_greater_keys / _default_less_keys
 GREATER_KEYS = ("acc", "top", "AR@", "auc", "precision", "mAP", "mDice", "mIoU", "mAcc", "aAcc")
@@ -141,6 +141,38 @@ def select_best(
         if _better(choice.rule, value, best.value if best else None):
             best = Best(choice.key, choice.rule, value, record.index, record.source, record.line)
     return best, problems
+
+
+def rank_best(
+    records: Sequence[EvalRecord],
+    choice: MetricChoice,
+    eligible: Container[int] | None,
+    k: int,
+    lead: Best | None = None,
+) -> list[Ranked]:
+    """The ``k`` best evaluations of ``choice.key``, best first, by ``select_best``'s rules.
+
+    Only eligible indices compete, a non-finite value never ranks, and of equal values the
+    earlier ranks higher (the trainers' strict improvement keeps the first); a resumed run's
+    superseded records do not count. ``lead``: the best as chosen with the trainer's own record
+    (``agree_with_trainer``), ranked first whatever the logs say, so that rank 1 is always the
+    best that ckptd slims.
+    """
+    if k <= 0:
+        return []
+    values: dict[int, float] = {}
+    for record in supersede_resumed(records):
+        value = record.metrics.get(choice.key)
+        if value is None or not math.isfinite(value):
+            continue
+        if eligible is None or record.index in eligible:
+            values[record.index] = value
+    sign = -1.0 if choice.rule == "greater" else 1.0
+    order = sorted(values, key=lambda index: (sign * values[index], index))
+    if lead is not None:
+        values[lead.index] = lead.value
+        order = [lead.index, *(i for i in order if i != lead.index)]
+    return [Ranked(choice.key, n, i, values[i]) for n, i in enumerate(order[:k], 1)]
 
 
 def _continue_fold(

@@ -121,9 +121,29 @@ class BestConfig(_Strict):
 class RetentionConfig(_Strict):
     keep_last: int = Field(default=2, ge=1)
     keep_every: int | None = Field(default=None, ge=1)
-    keep_best_full: bool = False
+    # The full checkpoints of the k best evaluations of each metric (0: none).
+    keep_best: int = Field(default=0, ge=0)
     pending_eval_grace: Duration = 3600.0
     max_total_size: Size | None = None
+    # Deprecated spelling of keep_best 1 / 0, still read; never printed back (exclude).
+    keep_best_full: bool | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_best_full_is_keep_best(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("keep_best_full"), bool):
+            return data  # absent, or not a bool: the field's own check says what is wrong
+        old = data["keep_best_full"]
+        new = data.get("keep_best")
+        if new is None:
+            return {**data, "keep_best": 1 if old else 0}
+        if isinstance(new, int) and not isinstance(new, bool) and (new >= 1) != old:
+            raise ValueError(
+                f"keep_best_full: {str(old).lower()} contradicts keep_best: {new}; "
+                "keep_best_full is deprecated: remove it and set only keep_best (1 keeps the "
+                "best checkpoint in full, k the k best, 0 none)"
+            )
+        return data
 
 
 def _check_placeholders(value: str, allowed: set[str]) -> None:
@@ -408,6 +428,16 @@ def load_config(path: Path) -> LoadedConfig:
     except RecursionError:  # the YAML parser recurses per nesting level
         raise ConfigError(f"{path}: nested too deeply to be a ckptd config") from None
     return parse_config(data, path)
+
+
+def deprecations(config: Config) -> list[str]:
+    """Deprecated keys the config still uses, by key path, with what to write instead."""
+    return [
+        f"projects[{i}].retention.keep_best_full is deprecated; write keep_best: "
+        f"{p.retention.keep_best} instead (how many best evaluations keep their full checkpoint)"
+        for i, p in enumerate(config.projects)
+        if p.retention.keep_best_full is not None
+    ]
 
 
 def effective_config_yaml(loaded: LoadedConfig) -> str:

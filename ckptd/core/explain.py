@@ -23,6 +23,8 @@ def _not_kept(d: Mapping[str, Any]) -> str:
     parts = [f"older than the {d['keep_last']} newest"]
     if d.get("keep_every"):
         parts.append(f"{d['index']} is not a multiple of keep_every {d['keep_every']}")
+    if d.get("keep_best"):
+        parts.append(f"not among the {d['keep_best']} best")
     parts.append(EVALUATION[d["evaluation"]].format(unit=d.get("unit", "index")))
     return "; ".join(parts)
 
@@ -59,7 +61,7 @@ _TEXT: dict[RuleId, Callable[[Mapping[str, Any]], str]] = {
     RuleId.TRAINER_HOLDS: lambda d: str(d["why"]),
     RuleId.KEEP_LAST: lambda d: f"keep_last #{d['rank']}",
     RuleId.KEEP_EVERY: lambda d: f"keep_every {d['every']} ({d['unit']} {d['index']})",
-    RuleId.KEEP_BEST_FULL: lambda d: f"keep_best_full ({d['metric']})",
+    RuleId.KEEP_BEST: lambda d: f"keep_best #{d['rank']} ({d['metric']} = {d['value']:.6g})",
     RuleId.NOT_KEPT: _not_kept,
     RuleId.MAX_TOTAL_SIZE: _over_budget,
     RuleId.HELD_BY_ERRORS: lambda d: (

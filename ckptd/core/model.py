@@ -85,6 +85,16 @@ class Best:
 
 
 @dataclass(frozen=True, slots=True)
+class Ranked:
+    """One of the k best evaluations of a metric that have a checkpoint (rank 1 is the best)."""
+
+    key: str
+    rank: int
+    index: int
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
 class TrainerBest:
     """The best as the trainer itself recorded it, read from its own files.
 
@@ -122,6 +132,10 @@ class WorkDirScan:
     older_pointers: dict[str, str] = field(default_factory=dict)
     resume_note: str = ""
     problems: list[Problem] = field(default_factory=list)
+
+    def checkpoint_named(self, name: str) -> Checkpoint | None:
+        # layouts/lightning_best.py: the trainer's record names its best file
+        return next((c for c in self.checkpoints if c.name == name), None)
 
     def checkpoint_at(self, index: int) -> Checkpoint | None:
         return next((c for c in self.checkpoints if c.index == index), None)

@@ -3,9 +3,10 @@
 Each rule is a small class with one job that returns the checkpoints it keeps and why (like
 Orbax's preservation policies). ``plan`` unions them, like ``borg prune --list``: every keep
 names the rules that keep it, every delete says why nothing kept it. Protecting rules (safety)
-can never be overridden; preference rules (keep_last, keep_every, keep_best_full) yield to
-``max_total_size``, oldest first. Decisions are values (an ``Action`` and ``Reason``s whose
-rule ids are the config's own names); ``ckptd.core.explain`` turns them into text where shown.
+can never be overridden; preference rules (keep_last, keep_every, keep_best) yield to
+``max_total_size``, oldest first and the best-ranked last. Decisions are values (an ``Action``
+and ``Reason``s whose rule ids are the config's own names); ``ckptd.core.explain`` turns them
+into text where shown.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from enum import StrEnum
 from typing import Any, ClassVar, Protocol
 
 from ckptd.core.config import RetentionConfig
-from ckptd.core.model import BestDispute, Checkpoint
+from ckptd.core.model import BestDispute, Checkpoint, Ranked
 
 
 class Action(StrEnum):
@@ -39,7 +40,7 @@ class RuleId(StrEnum):
     TRAINER_HOLDS = "trainer_holds"
     KEEP_LAST = "keep_last"
     KEEP_EVERY = "keep_every"
-    KEEP_BEST_FULL = "keep_best_full"
+    KEEP_BEST = "keep_best"
     # why a checkpoint goes: no rule kept it, or the size budget overrode the rules that did
     NOT_KEPT = "not_kept"
     MAX_TOTAL_SIZE = "max_total_size"
@@ -68,6 +69,8 @@ class PolicyInput:
     older_pointers: Mapping[str, str] = field(default_factory=dict)
     # (name, why) of checkpoints the trainer itself will read again (Layout.trainer_holds).
     trainer_holds: tuple[tuple[str, str], ...] = ()
+    # metric key -> its best evaluations that have a checkpoint, best first (best.rank_best)
+    ranked: Mapping[str, Sequence[Ranked]] = field(default_factory=dict)
 
 
 class KeepRule(Protocol):
@@ -252,16 +255,21 @@ class EveryNth(Timeless):
 
 
 @dataclass(frozen=True)
-class BestFull(Timeless):
-    rule: ClassVar[RuleId] = RuleId.KEEP_BEST_FULL
+class BestK(Timeless):
+    """The full checkpoints of each metric's k best evaluations (``keep_best: k``)."""
+
+    k: int
+    rule: ClassVar[RuleId] = RuleId.KEEP_BEST
     protects: ClassVar[bool] = False
 
     def keeps(self, given: PolicyInput) -> dict[str, list[Reason]]:
         kept: dict[str, list[Reason]] = {}
-        for key, index in given.best.items():
-            for c in given.checkpoints:
-                if c.index == index:
-                    kept.setdefault(c.name, []).append(Reason(self.rule, {"metric": key}))
+        for key, ranking in given.ranked.items():
+            for r in ranking[: self.k]:
+                detail = {"metric": key, "rank": r.rank, "value": r.value}
+                for c in given.checkpoints:
+                    if c.index == r.index:
+                        kept.setdefault(c.name, []).append(Reason(self.rule, detail))
         return kept
 
 
@@ -278,8 +286,8 @@ def rules_for(retention: RetentionConfig) -> list[KeepRule]:
     ]
     if retention.keep_every:
         rules.append(EveryNth(retention.keep_every))
-    if retention.keep_best_full:
-        rules.append(BestFull())
+    if retention.keep_best:
+        rules.append(BestK(retention.keep_best))
     return rules
 
 
@@ -323,19 +331,30 @@ class Plan:
         return self.with_action(Action.KEEP)
 
 
+def _best_ranks(given: PolicyInput) -> dict[int, int]:
+    """Checkpoint index -> its best rank over every metric; each current best ranks 1."""
+    ranks = {index: 1 for index in given.best.values()}
+    for ranking in given.ranked.values():
+        for r in ranking:
+            ranks[r.index] = min(ranks.get(r.index, r.rank), r.rank)
+    return ranks
+
+
 def _apply_budget(
-    decisions: list[Decision], budget: int, best_indices: set[int]
+    decisions: list[Decision], budget: int, ranks: Mapping[int, int]
 ) -> tuple[list[Decision], tuple[int, int] | None]:
     held = sum(d.checkpoint.stat.size for d in decisions if d.keep)
     if held <= budget:
         return decisions, None
-    # Oldest first; a best epoch's full checkpoint goes last because the user asked to keep it.
+
+    # Oldest first; the best-ranked full checkpoints go last, worst rank first, because the
+    # user asked to keep them.
+    def order(i: int) -> tuple[bool, int, int]:
+        index = decisions[i].checkpoint.index
+        return index in ranks, -ranks.get(index, 0), index
+
     candidates = sorted(
-        (i for i, d in enumerate(decisions) if d.keep and not d.protected),
-        key=lambda i: (
-            decisions[i].checkpoint.index in best_indices,
-            decisions[i].checkpoint.index,
-        ),
+        (i for i, d in enumerate(decisions) if d.keep and not d.protected), key=order
     )
     for i in candidates:
         if held <= budget:
@@ -359,6 +378,7 @@ def _delete_reason(c: Checkpoint, given: PolicyInput, retention: RetentionConfig
     detail = {
         "keep_last": retention.keep_last,
         "keep_every": retention.keep_every,
+        "keep_best": retention.keep_best,
         "unit": c.unit,
         "index": c.index,
         "evaluation": evaluation,
@@ -388,7 +408,7 @@ def plan(given: PolicyInput, retention: RetentionConfig, held_by: Sequence[str] 
     over_budget = None
     if retention.max_total_size is not None:
         decisions, over_budget = _apply_budget(
-            decisions, retention.max_total_size, set(given.best.values())
+            decisions, retention.max_total_size, _best_ranks(given)
         )
     if held_by:
         hold = Reason(RuleId.HELD_BY_ERRORS, {"errors": tuple(held_by)})

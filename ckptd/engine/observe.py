@@ -13,6 +13,7 @@ from pathlib import Path
 from ckptd.core.best import (
     MetricChoice,
     agree_with_trainer,
+    rank_best,
     resolve_metrics,
     select_best,
     supersede_resumed,
@@ -24,6 +25,7 @@ from ckptd.core.model import (
     EvalRecord,
     FileStat,
     Problem,
+    Ranked,
     TrainerBest,
     WorkDirScan,
 )
@@ -48,6 +50,9 @@ class Observation:
     # Indices that have or had a checkpoint here: the only evaluations that can be best.
     checkpointed: frozenset[int] = frozenset()
     disputes: list[BestDispute] = field(default_factory=list)
+    metrics: list[MetricChoice] = field(default_factory=list)  # the keys 'best' is chosen by
+    # metric key -> its retention.keep_best best evaluations with a checkpoint, best first
+    ranked: dict[str, list[Ranked]] = field(default_factory=dict)
     trainer_holds: dict[str, str] = field(default_factory=dict)  # Layout.trainer_holds
     # When a checkpoint judged incomplete here should be judged again (wall clock): the
     # moment a young file is `settle` old, or soon for one still being written.
@@ -254,6 +259,8 @@ def observe(
     checkpointed = _checkpointed(scan, state, manifest, unit)
     trainer = layout.trainer_bests(work_dir, scan, records) if choices else []
     bests, disputes = _choose_bests(records, choices, checkpointed, trainer, scan, notes)
+    k = project.retention.keep_best
+    ranked = {c.key: rank_best(records, c, checkpointed, k, bests.get(c.key)) for c in choices}
     ready = {
         key
         for key, best in bests.items()
@@ -271,6 +278,8 @@ def observe(
         notes=notes,
         checkpointed=checkpointed,
         disputes=disputes,
+        metrics=choices,
+        ranked=ranked,
         trainer_holds=layout.trainer_holds(work_dir, scan),
         changes_at=min(moments, default=None),
     )

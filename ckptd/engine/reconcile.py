@@ -66,6 +66,7 @@ def _policy_input(observation: Observation, now: float) -> PolicyInput:
         now=now,
         disputes=tuple(observation.disputes),
         trainer_holds=tuple(observation.trainer_holds.items()),
+        ranked={key: tuple(ranking) for key, ranking in observation.ranked.items()},
     )
 
 

@@ -10,9 +10,12 @@ from ckptd.core.policy import Action, Decision
 from ckptd.core.units import format_size
 from ckptd.engine.outcome import ArtifactStatus
 from ckptd.engine.reconcile import WorkDirReport
+from ckptd.present.sparkline import ChartStyle, chart
 
 if TYPE_CHECKING:
     from ckptd.engine.outcome import PublishOutcome
+
+INDENT = 16  # where the text after the verb column starts: "  keep          "
 
 
 def outcome_of(report: WorkDirReport, decision: Decision) -> str:
@@ -45,7 +48,43 @@ def _value(value: float) -> str:
     return f"{value:.6g}" if math.isfinite(value) else str(value)
 
 
-def format_report(report: WorkDirReport) -> str:
+def _history(report: WorkDirReport, style: ChartStyle) -> list[str]:
+    """Each metric's evaluations as a chart, the best and the surviving checkpoints marked."""
+    observation = report.observation
+    if observation is None or report.plan is None or not observation.records:
+        return []
+    g = style.glyphs
+    kept = {
+        d.checkpoint.index
+        for d in report.plan.decisions
+        if outcome_of(report, d) not in ("delete", "deleted")
+    }
+    unit = observation.unit or "index"
+    lines = []
+    for choice in observation.metrics:
+        values: dict[int, float | None] = {
+            r.index: r.metrics[choice.key] for r in observation.records if choice.key in r.metrics
+        }
+        if not values:
+            continue
+        for index in kept - values.keys():
+            values[index] = None  # a checkpoint not evaluated (yet): a blank column
+        best = observation.bests.get(choice.key)
+        drawn = chart(
+            sorted(values.items()), choice.rule, best.index if best else None, kept, style
+        )
+        first, last = min(values), max(values)
+        span = f"{unit} {first}-{last}" if first != last else f"{unit} {first}"
+        bucketed = f", {drawn.per_column} per column" if drawn.per_column > 1 else ""
+        legend = f"{g.best} best, {g.kept} kept, {g.both} both, {g.nan} NaN"
+        pad = " " * INDENT
+        lines.append(f"  {'history':<13} {choice.key}  {span}{bucketed}  ({legend})")
+        lines += [f"{pad}{drawn.bars}", f"{pad}{drawn.marks}".rstrip()]
+    return lines
+
+
+def format_report(report: WorkDirReport, charts: ChartStyle | None = None) -> str:
+    """The listing; ``charts``: also draw each metric's history (``ckptd status``) this way."""
     target = report.target
     head = f"== {target.project.name}: {target.work_dir}"
     if report.layout:
@@ -80,6 +119,8 @@ def format_report(report: WorkDirReport) -> str:
         )
     if report.observation and not report.artifacts and not report.observation.records:
         lines.append("  best          no evaluation records yet")
+    if charts is not None:
+        lines += _history(report, charts)
     if report.publish is not None:
         lines.append(f"  publish       {_publish_text(report.publish)}")
     for note in report.notes:

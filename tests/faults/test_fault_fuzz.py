@@ -508,7 +508,7 @@ BASE: dict[str, Any] = {
             "retention": {
                 "keep_last": 2,
                 "keep_every": None,
-                "keep_best_full": False,
+                "keep_best": 0,
                 "pending_eval_grace": "1h",
                 "max_total_size": None,
             },
@@ -521,7 +521,7 @@ BASE: dict[str, Any] = {
 PLAUSIBLE: dict[str, Any] = {
     "keep_last": st.integers(-2, 6),
     "keep_every": st.one_of(st.none(), st.integers(-1, 5)),
-    "keep_best_full": st.booleans(),
+    "keep_best": st.integers(-1, 4),
     "pending_eval_grace": st.sampled_from(["0s", "1h", "-5m", "1e309s", "soon", 0, 3.5]),
     "max_total_size": st.sampled_from([None, "0", "1 B", "1MiB", "2 MB", "1 PiB", "-1GiB", "x"]),
     "metric": st.sampled_from(["auto", METRIC, "coco/bbox_mAP_50", "nope", [METRIC, "x"], []]),

@@ -238,7 +238,7 @@ def write_config(tmp_path: Path, runs: list[Run]) -> Path:
         project: dict[str, Any] = {
             "name": f"run{run.index}",
             "work_dirs": [str(run.root)],
-            "retention": {"keep_last": s.keep_last, "keep_best_full": s.keep_best_full},
+            "retention": {"keep_last": s.keep_last, "keep_best": int(s.keep_best_full)},
         }
         if s.dirpath:
             project["lightning"] = {"checkpoint_dirs": [s.dirpath]}

@@ -291,7 +291,7 @@ def check(
 
 
 def configure(s: Settings, root: Path) -> None:
-    retention: dict[str, Any] = {"keep_last": s.keep_last, "keep_best_full": s.keep_best_full}
+    retention: dict[str, Any] = {"keep_last": s.keep_last, "keep_best": int(s.keep_best_full)}
     if s.keep_every:
         retention["keep_every"] = s.keep_every
     best = {"metric": "auto"} if s.save_best == "auto" else {"metric": [s.save_best]}

@@ -4,12 +4,15 @@ settings drawn from a seeded RNG.
 Each run trains ``tests/trainers/mmengine_real.py`` with drawn settings (metric sequences that
 tie, fall, plateau or hold NaN; ``coco/bbox_mAP`` (greater) or ``val/loss`` (less, logged as a
 running mean); one key or two with opposite rules; ``interval`` != ``val_interval``; epoch- or
-iteration-based; ``save_last``; EMA; a resume, from the newest or an earlier epoch), with
-``ckptd once`` after every launch in the same work_dir. The oracle is the trainer's own:
+iteration-based; ``save_last``; EMA; a resume, from the newest or an earlier epoch; ckptd's
+``keep_last`` and ``keep_best`` 0..3), with ``ckptd once`` after every launch in the same
+work_dir. The oracle is the trainer's own:
 the ``best_ckpt`` its hook records in the message hub and the ``best_*.pth`` it wrote. Where that
 evaluation never had an ``epoch_N.pth`` (MMEngine saves none before the first regular save of a
 launch), the rule is the best among evaluations that had one, computed here from the harness's
-metric table and the files seen after each launch, not from ckptd's code.
+metric table and the files seen after each launch, not from ckptd's code. So is the set
+``keep_best`` keeps: the k best of those evaluations, the trainers' order (the earlier of equal
+values first, NaN never), the best first.
 
 ``CKPTD_DIFF_RUNS`` (default 5: about 60 s on an idle 2-core machine), ``CKPTD_DIFF_SEED``.
 """
@@ -61,6 +64,7 @@ class Settings:
     keep_last: int
     first_length: int | None  # resume: the first launch stops here
     from_earlier: bool
+    keep_best: int = 0
     shape: str = ""
 
     def args(self, length: int) -> list[str]:
@@ -115,6 +119,7 @@ def draw(seed: int) -> Settings:
         keep_last=rng.randint(1, 3),
         first_length=first,
         from_earlier=rng.random() < 0.5,
+        keep_best=rng.randint(0, 3),
         shape=shape,
     )
 
@@ -169,6 +174,18 @@ def knowable(values: dict[int, float], hub: dict[str, Any], key: str) -> dict[in
     return dict(zip(sorted(values), seen, strict=True))
 
 
+def best_k(
+    values: dict[int, float], greater: bool, among: set[int], k: int, lead: int | None
+) -> set[int]:
+    """The k best evaluations that had a checkpoint, in the trainers' order: by value, the
+    earlier of equal values first, non-finite values never; ``lead`` (the best) first."""
+    finite = [i for i, v in values.items() if i in among and math.isfinite(v)]
+    ranked = sorted(finite, key=lambda i: (-values[i] if greater else values[i], i))
+    if lead is not None:
+        ranked = [lead, *(i for i in ranked if i != lead)]
+    return set(ranked[:k])
+
+
 def ckptd_config(s: Settings) -> dict[str, Any]:
     if isinstance(s.save_best, list):
         return {"metric": s.save_best, "rule": s.rules}
@@ -182,8 +199,8 @@ def listed(work_dir: Path) -> list[int]:
 
 def check(s: Settings, work_dir: Path, lineage: Lineage, present: list[int], why: str) -> None:
     """ckptd's best = the oracle per key, artifacts = the trainer's tensors, the trainer's best
-    files all there, and the kept set = keep_last newest + resume target (no dispute: with the
-    hub's raw values the logs agree with the hook's record)."""
+    files all there, and the kept set = keep_last newest + resume target + each key's keep_best
+    best (no dispute: with the hub's raw values the logs agree with the hook's record)."""
     unit = "epoch" if s.by_epoch else "iter"
     keys = s.save_best if isinstance(s.save_best, list) else None
     hub = newest_hub(work_dir)
@@ -201,10 +218,11 @@ def check(s: Settings, work_dir: Path, lineage: Lineage, present: list[int], why
         assert (work_dir / name).is_file(), f"{why}\nthe trainer's {name} is gone"
         assert fold(values, greater) == trainer_index, f"{why}\nharness table != MMEngine"
         oracle = trainer_index
+        # A smoothed key's raw values after a NaN are in no file but the hub (see knowable)
+        known = knowable(values, hub, key) if s.metric == "loss" else values
         if trainer_index not in lineage.had:
-            # A smoothed key's raw values after a NaN are in no file but the hub (see knowable)
-            known = knowable(values, hub, key) if s.metric == "loss" else values
             oracle = fold(known, greater, lineage.had)  # type: ignore[assignment]
+        kept |= best_k(known, greater, lineage.had, s.keep_best, oracle)
         entry = entries.get(key)
         assert (entry and entry["index"]) == oracle, f"{why}\n{key}: ckptd {entry}, oracle {oracle}"
         artifact = load_weights_only(work_dir / "best" / entry["file"])["state_dict"]
@@ -224,7 +242,8 @@ def test_ckptd_follows_mmengine(tmp_path: Path, seed: int) -> None:
     s = draw(seed)
     why = f"CKPTD_DIFF_SEED={seed} CKPTD_DIFF_RUNS=1: {s}"
     work_dir = tmp_path / "work_dirs" / "run"
-    project = {"best": ckptd_config(s), "retention": {"keep_last": s.keep_last}}
+    retention = {"keep_last": s.keep_last, "keep_best": s.keep_best}
+    project = {"best": ckptd_config(s), "retention": retention}
     lineage = Lineage()
     first = s.first_length or s.length
     run_harness(HARNESS, work_dir, *s.args(first))

@@ -13,12 +13,13 @@ from ckptd.core.best import (
     MetricChoice,
     agree_with_trainer,
     infer_rule,
+    rank_best,
     resolve_metrics,
     select_best,
     supersede_resumed,
 )
 from ckptd.core.config import BestConfig
-from ckptd.core.model import BestDispute, EvalRecord, TrainerBest
+from ckptd.core.model import Best, BestDispute, EvalRecord, TrainerBest
 
 
 def records(values: list[float], key: str = "coco/bbox_mAP", start: int = 1) -> list[EvalRecord]:
@@ -186,3 +187,56 @@ def test_trainer_best_without_a_checkpoint_here_is_not_used() -> None:
     recs = records([0.3, 0.5])
     trainer = TrainerBest(None, 7, 0.9, 7, "elsewhere")
     assert agree_with_trainer(recs, GREATER, {1, 2}, trainer) == (None, None)
+
+
+MAP = MetricChoice("coco/bbox_mAP", "greater")
+
+
+def ranks(ranking) -> list[tuple[int, float]]:
+    return [(r.index, r.value) for r in ranking]
+
+
+def test_rank_best_orders_by_rule_and_ties_rank_the_earlier_first() -> None:
+    rs = records([0.3, 0.5, 0.4, 0.5, 0.1])
+    assert ranks(rank_best(rs, MAP, None, 3)) == [(2, 0.5), (4, 0.5), (3, 0.4)]
+    assert [r.rank for r in rank_best(rs, MAP, None, 3)] == [1, 2, 3]
+    loss = MetricChoice("coco/bbox_mAP", "less")
+    assert ranks(rank_best(rs, loss, None, 2)) == [(5, 0.1), (1, 0.3)]
+    # rank 1 is select_best's pick, on every rule
+    for choice in (MAP, loss):
+        best, _ = select_best(rs, choice)
+        assert best is not None and rank_best(rs, choice, None, 1)[0].index == best.index
+
+
+def test_rank_best_k_above_the_evaluations_and_k_0() -> None:
+    rs = records([0.3, 0.5])
+    assert ranks(rank_best(rs, MAP, None, 5)) == [(2, 0.5), (1, 0.3)]
+    assert rank_best(rs, MAP, None, 0) == []
+
+
+def test_nan_and_inf_never_rank() -> None:
+    rs = records([math.nan, 0.2, math.inf, -math.inf, 0.1])
+    assert ranks(rank_best(rs, MAP, None, 5)) == [(2, 0.2), (5, 0.1)]
+    assert rank_best(records([math.nan]), MAP, None, 2) == []
+
+
+def test_only_evaluations_with_a_checkpoint_rank() -> None:
+    rs = records([0.9, 0.5, 0.8, 0.7])
+    assert ranks(rank_best(rs, MAP, {2, 4}, 3)) == [(4, 0.7), (2, 0.5)]
+    # a record without the key is select_best's problem to report; it just does not rank
+    rs.append(EvalRecord(5, {"other": 1.0}, "s.json", 5))
+    assert ranks(rank_best(rs, MAP, None, 2)) == [(1, 0.9), (3, 0.8)]
+
+
+def test_a_resumed_runs_superseded_records_do_not_rank() -> None:
+    # epochs 1..4, then resumed from epoch 2: the old 3 and 4 no longer describe a file
+    rs = records([0.1, 0.2, 0.9, 0.8]) + records([0.3, 0.4], start=3)
+    assert ranks(rank_best(rs, MAP, None, 3)) == [(4, 0.4), (3, 0.3), (2, 0.2)]
+
+
+def test_the_trainers_best_leads_the_ranking() -> None:
+    # mmcv rounds its log: the trainer's raw comparison made 3 best, the log ties it with 1
+    rs = records([0.5, 0.4, 0.5])
+    lead = Best(MAP.key, MAP.rule, 0.500004, 3, "epoch_4.pth", 0)
+    assert ranks(rank_best(rs, MAP, None, 2, lead)) == [(3, 0.500004), (1, 0.5)]
+    assert ranks(rank_best(rs, MAP, None, 1, lead)) == [(3, 0.500004)]

@@ -29,6 +29,7 @@ def test_repo_default_config_is_valid_and_watches_work_dirs() -> None:
     project = loaded.config.projects[0]
     assert project.work_dirs == ["./work_dirs/*"]
     assert project.retention.keep_last == 2
+    assert project.retention.keep_best == 0 and project.retention.keep_best_full is None
     assert project.retention.pending_eval_grace == 3600
     assert loaded.config.watch.resync_interval == 300
 
@@ -48,7 +49,7 @@ projects:
     retention:
       keep_last: 2
       keep_every: 5
-      keep_best_full: true
+      keep_best: 3
       pending_eval_grace: 1h30m
       max_total_size: "200GiB"
     artifact:
@@ -184,3 +185,43 @@ def test_format_size() -> None:
     assert format_size(512) == "512 B"
     assert format_size(1536) == "1.5 KiB"
     assert format_size(3 * 2**30) == "3.0 GiB"
+
+
+def test_keep_best_default_and_bounds(tmp_path: Path) -> None:
+    loaded = load_config(write(tmp_path, "projects: [{name: a, work_dirs: [x]}]"))
+    assert loaded.config.projects[0].retention.keep_best == 0
+    assert "keep_best: 0" in effective_config_yaml(loaded)
+    message = error_of(
+        tmp_path, "projects: [{name: a, work_dirs: [x], retention: {keep_best: -1}}]"
+    )
+    assert "projects[0].retention.keep_best: Input should be greater than or equal to 0" in message
+
+
+@pytest.mark.parametrize(("old", "k"), [(True, 1), (False, 0)])
+def test_keep_best_full_is_still_read_as_keep_best(tmp_path: Path, old: bool, k: int) -> None:
+    from ckptd.core.config import deprecations
+
+    text = f"projects: [{{name: a, work_dirs: [x], retention: {{keep_best_full: {old}}}}}]"
+    loaded = load_config(write(tmp_path, text))
+    assert loaded.config.projects[0].retention.keep_best == k
+    (note,) = deprecations(loaded.config)
+    assert note.startswith("projects[0].retention.keep_best_full is deprecated; write keep_best")
+    # the effective config says it the new way, and reads back without the note
+    printed = effective_config_yaml(loaded)
+    assert "keep_best_full" not in printed and f"keep_best: {k}" in printed
+    assert deprecations(load_config(write(tmp_path, printed)).config) == []
+
+
+def test_keep_best_full_and_keep_best_must_agree(tmp_path: Path) -> None:
+    ok = "projects: [{name: a, work_dirs: [x], retention: {keep_best_full: true, keep_best: 3}}]"
+    assert load_config(write(tmp_path, ok)).config.projects[0].retention.keep_best == 3
+    for old, k in (("false", 2), ("true", 0)):
+        both = f"{{keep_best_full: {old}, keep_best: {k}}}"
+        text = f"projects: [{{name: a, work_dirs: [x], retention: {both}}}]"
+        message = error_of(tmp_path, text)
+        assert f"projects[0].retention: keep_best_full: {old} contradicts keep_best: {k}" in message
+        assert "set only keep_best" in message
+    message = error_of(
+        tmp_path, "projects: [{name: a, work_dirs: [x], retention: {keep_best_full: 2}}]"
+    )
+    assert "projects[0].retention.keep_best_full" in message

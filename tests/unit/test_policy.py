@@ -8,7 +8,7 @@ import pytest
 
 from ckptd.core.config import RetentionConfig
 from ckptd.core.explain import describe, describe_all, plan_notes
-from ckptd.core.model import BestDispute, Checkpoint, FileStat
+from ckptd.core.model import BestDispute, Checkpoint, FileStat, Ranked
 from ckptd.core.policy import Action, PolicyInput, Reason, RuleId, plan
 
 NOW = 1_000_000.0
@@ -27,6 +27,7 @@ def given(
     best: dict[str, int] | None = None,
     ready: set[str] | None = None,
     resume: str | None = None,
+    ranked: dict[str, list[tuple[int, float]]] | None = None,
 ) -> PolicyInput:
     ev = evaluated if evaluated is not None else {c.index for c in checkpoints}
     best = best or {}
@@ -38,6 +39,10 @@ def given(
         artifact_ready=frozenset(ready if ready is not None else best),
         resume_target=resume,
         now=NOW,
+        ranked={
+            key: tuple(Ranked(key, n, i, v) for n, (i, v) in enumerate(ranking, 1))
+            for key, ranking in (ranked or {}).items()
+        },
     )
 
 
@@ -137,13 +142,46 @@ def test_best_kept_until_its_artifact_is_ready() -> None:
     assert "epoch_2.pth" in deleted(p)
 
 
-def test_keep_best_full_for_every_metric() -> None:
+def test_keep_best_1_for_every_metric() -> None:
     cps = [ckpt(i) for i in range(1, 7)]
-    p = plan(given(cps, best={"a": 2, "b": 4}), RetentionConfig(keep_last=1, keep_best_full=True))
-    assert reasons_of(p, "epoch_2.pth") == (Reason(RuleId.KEEP_BEST_FULL, {"metric": "a"}),)
-    assert kept(p)["epoch_4.pth"] == (RuleId.KEEP_BEST_FULL,)
-    assert text_of(p, "epoch_4.pth") == "keep_best_full (b)"
+    ranked = {"a": [(2, 0.5)], "b": [(4, 0.25)]}
+    p = plan(
+        given(cps, best={"a": 2, "b": 4}, ranked=ranked), RetentionConfig(keep_last=1, keep_best=1)
+    )
+    assert reasons_of(p, "epoch_2.pth") == (
+        Reason(RuleId.KEEP_BEST, {"metric": "a", "rank": 1, "value": 0.5}),
+    )
+    assert kept(p)["epoch_4.pth"] == (RuleId.KEEP_BEST,)
+    assert text_of(p, "epoch_4.pth") == "keep_best #1 (b = 0.25)"
     assert deleted(p) == ["epoch_1.pth", "epoch_3.pth", "epoch_5.pth"]
+
+
+def test_keep_best_k_per_metric_and_only_the_first_k() -> None:
+    cps = [ckpt(i) for i in range(1, 9)]
+    ranked = {
+        "coco/bbox_mAP": [(3, 0.41), (5, 0.4), (1, 0.38)],
+        "val/loss": [(5, 0.2), (2, 0.3), (6, 0.31)],
+    }
+    p = plan(
+        given(cps, best={"coco/bbox_mAP": 3, "val/loss": 5}, ranked=ranked),
+        RetentionConfig(keep_last=1, keep_best=2),
+    )
+    assert set(kept(p)) == {"epoch_8.pth", "epoch_3.pth", "epoch_5.pth", "epoch_2.pth"}
+    assert text_of(p, "epoch_5.pth") == (
+        "keep_best #2 (coco/bbox_mAP = 0.4); keep_best #1 (val/loss = 0.2)"
+    )
+    assert text_of(p, "epoch_2.pth") == "keep_best #2 (val/loss = 0.3)"
+    assert text_of(p, "epoch_1.pth") == "older than the 1 newest; not among the 2 best; evaluated"
+    # a ranked evaluation whose checkpoint is gone keeps nothing (and is no error)
+    p = plan(given([c for c in cps if c.index != 3], ranked=ranked), RetentionConfig(keep_best=2))
+    assert "epoch_3.pth" not in {d.checkpoint.name for d in p.decisions}
+    assert "epoch_1.pth" in deleted(p)
+
+
+def test_keep_best_0_keeps_no_best_in_full() -> None:
+    cps = [ckpt(i) for i in range(1, 5)]
+    p = plan(given(cps, best={"m": 1}, ranked={"m": [(1, 0.9)]}), RetentionConfig(keep_last=1))
+    assert deleted(p) == ["epoch_1.pth", "epoch_2.pth", "epoch_3.pth"]
 
 
 def test_budget_deletes_oldest_unprotected_first() -> None:
@@ -171,10 +209,30 @@ def test_budget_never_overrides_protection_and_says_so() -> None:
 
 def test_budget_deletes_best_full_last() -> None:
     cps = [ckpt(i) for i in range(1, 5)]
-    retention = RetentionConfig(keep_last=3, keep_best_full=True, max_total_size=250 * MB)
-    p = plan(given(cps, best={"m": 1}), retention)
+    retention = RetentionConfig(keep_last=3, keep_best=1, max_total_size=250 * MB)
+    p = plan(given(cps, best={"m": 1}, ranked={"m": [(1, 0.5)]}), retention)
     # keep: 1 (best full), 2,3,4 (last) -> budget removes 2 then 3 before 1
     assert deleted(p) == ["epoch_2.pth", "epoch_3.pth"]
+
+
+def test_budget_deletes_the_worst_ranked_best_first() -> None:
+    cps = [ckpt(i) for i in range(1, 8)]
+    # ranks: 2 is #3, 4 is #1, 1 is #2; another metric ranks 1 first, so 1 counts as #1
+    ranked = {"a": [(4, 0.9), (1, 0.8), (2, 0.7)], "b": [(1, 0.1)]}
+    retention = RetentionConfig(keep_last=1, keep_best=3, max_total_size=250 * MB)
+    p = plan(given(cps, best={"a": 4, "b": 1}, ranked=ranked), retention)
+    # kept by rules: 7 (newest, protected), 4, 1, 2 = 400 MB; the budget takes 2 (#3) first,
+    # then of the two #1s the older
+    assert deleted(p) == ["epoch_1.pth", "epoch_2.pth", "epoch_3.pth", "epoch_5.pth", "epoch_6.pth"]
+    (r,) = reasons_of(p, "epoch_2.pth")
+    assert r.rule is RuleId.MAX_TOTAL_SIZE and "keep_best #3 (a = 0.7)" in describe(r)
+    assert set(kept(p)) == {"epoch_7.pth", "epoch_4.pth"}
+    # with room for one more: the #3 goes, both #1s stay
+    p = plan(
+        given(cps, best={"a": 4, "b": 1}, ranked=ranked),
+        retention.model_copy(update={"max_total_size": 350 * MB}),
+    )
+    assert set(kept(p)) == {"epoch_7.pth", "epoch_4.pth", "epoch_1.pth"}
 
 
 @pytest.mark.parametrize("keep_last", [1, 2, 5])
