@@ -139,6 +139,3 @@ class WorkDirScan:
 
     def checkpoint_at(self, index: int) -> Checkpoint | None:
         return next((c for c in self.checkpoints if c.index == index), None)
-
-    def checkpoint_named(self, name: str) -> Checkpoint | None:
-        return next((c for c in self.checkpoints if c.name == name), None)
