@@ -255,6 +255,33 @@ class LightningConfig(_Strict):
         return value
 
 
+class HooksConfig(_Strict):
+    """Commands ckptd runs on events, with no shell (see docs/hooks.md)."""
+
+    # argv; a name without '/' is looked up on PATH when the hook runs
+    on_new_best: list[str] | None = None
+    timeout: Duration = 30.0  # killed after it
+
+    @field_validator("on_new_best")
+    @classmethod
+    def _a_command(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError(
+                    "give the command as a list, e.g. [/usr/local/bin/notify, --channel, ml]"
+                )
+            if not value[0].strip():
+                raise ValueError("the first item, the executable, is empty")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be greater than 0, e.g. 30s")
+        return value
+
+
 class ProjectConfig(_Strict):
     name: str = Field(min_length=1)
     work_dirs: list[str] = Field(min_length=1)
@@ -263,6 +290,7 @@ class ProjectConfig(_Strict):
     retention: RetentionConfig = RetentionConfig()
     artifact: ArtifactConfig = ArtifactConfig()
     lightning: LightningConfig = LightningConfig()
+    hooks: HooksConfig = HooksConfig()
     dry_run: bool = False
 
     @model_validator(mode="after")
@@ -289,9 +317,43 @@ class WatchConfig(_Strict):
         return value
 
 
+class DiskConfig(_Strict):
+    """``disk.min_free``: a watermark per filesystem, a share ("15%") or a size ("200GiB")."""
+
+    min_free: str
+
+    @field_validator("min_free", mode="before")
+    @classmethod
+    def _share_or_size(cls, value: Any) -> str:
+        text = str(value).strip()
+        if text.endswith("%"):
+            try:
+                share = float(text[:-1])
+            except ValueError:
+                share = -1.0
+            if not 0 < share < 100:
+                raise ValueError(f"{text!r}: a share must be between 0% and 100%, e.g. 15%")
+            return text
+        try:
+            if parse_size(text) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"{text!r} is neither a share (e.g. 15%) nor a size (e.g. 200GiB)"
+            ) from None
+        return text
+
+    def threshold(self, total_bytes: int) -> int:
+        """The free bytes wanted on a filesystem of ``total_bytes``."""
+        if self.min_free.endswith("%"):
+            return int(total_bytes * float(self.min_free[:-1]) / 100)
+        return parse_size(self.min_free)
+
+
 class Config(_Strict):
     projects: list[ProjectConfig] = Field(min_length=1)
     watch: WatchConfig = WatchConfig()
+    disk: DiskConfig | None = None  # absent: no watermark
 
     @field_validator("projects")
     @classmethod

@@ -12,7 +12,7 @@ from typing import Any
 
 from ckptd.core.cancel import CancelToken
 from ckptd.core.model import Best, FileStat
-from ckptd.core.policy import Decision, Plan
+from ckptd.core.policy import Decision, Plan, Reason
 from ckptd.engine.artifacts import ArtifactEntry
 from ckptd.engine.observe import Observation
 from ckptd.engine.targets import Target
@@ -133,6 +133,20 @@ class WorkDirReport:
         ]
         return min(moments, default=None)
 
+    def absorb(self, later: WorkDirReport) -> None:
+        """Fold in a second pass over the same work_dir (disk.min_free's evictions), so one
+        report says what both did; the plan and observation are the later pass's."""
+        self.observation, self.plan = later.observation or self.observation, later.plan
+        self.artifacts += [a for a in later.artifacts if a.status is ArtifactStatus.WRITTEN]
+        self.deletions += later.deletions
+        self.errors += later.errors
+        self.error_kinds += later.error_kinds
+        self.notes += [n for n in later.notes if n not in self.notes]
+        self.skip, self.skipped = self.skip or later.skip, self.skipped or later.skipped
+        self.seconds += later.seconds
+        self.reclaimed_bytes += later.reclaimed_bytes
+        self.reclaimed_total = max(self.reclaimed_total, later.reclaimed_total)
+
     def error(self, kind: ErrorKind, message: str) -> None:
         self.errors.append(message)
         self.error_kinds.append(kind)
@@ -152,3 +166,6 @@ class PassOptions:
     cancel: CancelToken | None = None  # the daemon's stop: long copies end cleanly
     # ckptd once / status: no later pass finishes what waits, unless the user runs one
     one_shot: bool = False
+    # disk.min_free: checkpoint name -> (stat when planned, why) the watermark wants gone,
+    # deleted only if this pass's own plan still keeps it unprotected (core/watermark.py)
+    evict: Mapping[str, tuple[FileStat, Reason]] = field(default_factory=dict)
