@@ -81,8 +81,8 @@ def plan_watermark(offered: Iterable[Candidate], disk: DiskSpace) -> WatermarkPl
         key=lambda c: (
             c.running,
             c.decision.checkpoint.stat.mtime_ns,
+            c.decision.checkpoint.index,  # equal mtimes (a copy, a restore): lower first
             c.owner,
-            c.decision.checkpoint.name,
         ),
     )
     detail = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -136,7 +136,17 @@ class WorkDirReport:
     def absorb(self, later: WorkDirReport) -> None:
         """Fold in a second pass over the same work_dir (disk.min_free's evictions), so one
         report says what both did; the plan and observation are the later pass's."""
-        self.observation, self.plan = later.observation or self.observation, later.plan
+        self.observation = later.observation or self.observation
+        if self.plan is not None and later.plan is not None:
+            # what the first pass deleted is no longer in the later plan: still list it
+            names = {d.checkpoint.name for d in later.plan.decisions}
+            gone = [d for d in self.plan.decisions if d.checkpoint.name not in names]
+            merged = sorted(
+                (*later.plan.decisions, *gone), key=lambda d: d.checkpoint.index, reverse=True
+            )
+            self.plan = replace(later.plan, decisions=tuple(merged))
+        else:
+            self.plan = later.plan or self.plan
         self.artifacts += [a for a in later.artifacts if a.status is ArtifactStatus.WRITTEN]
         self.deletions += later.deletions
         self.errors += later.errors
