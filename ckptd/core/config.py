@@ -8,25 +8,20 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from ckptd.core.units import format_duration, format_size, parse_duration, parse_size
-
-Duration = Annotated[
-    float, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)
-]
-Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size, return_type=str)]
+from ckptd.core.configops import DiskConfig, HooksConfig
+from ckptd.core.configtypes import Duration, Size, _Strict
+from ckptd.core.units import format_duration
 
 LAYOUT_NAMES = ("mmengine", "mmcv", "lightning", "hf")
 Rule = Literal["greater", "less"]
@@ -60,10 +55,6 @@ SECRET_OPTION_KEYS = frozenset(
 
 class ConfigError(Exception):
     """A config that cannot be used; ``str()`` is the message users see (file, key, remedy)."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
 
 
 class BestConfig(_Strict):
@@ -255,33 +246,6 @@ class LightningConfig(_Strict):
         return value
 
 
-class HooksConfig(_Strict):
-    """Commands ckptd runs on events, with no shell (see docs/hooks.md)."""
-
-    # argv; a name without '/' is looked up on PATH when the hook runs
-    on_new_best: list[str] | None = None
-    timeout: Duration = 30.0  # killed after it
-
-    @field_validator("on_new_best")
-    @classmethod
-    def _a_command(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None:
-            if not value:
-                raise ValueError(
-                    "give the command as a list, e.g. [/usr/local/bin/notify, --channel, ml]"
-                )
-            if not value[0].strip():
-                raise ValueError("the first item, the executable, is empty")
-        return value
-
-    @field_validator("timeout")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be greater than 0, e.g. 30s")
-        return value
-
-
 class ProjectConfig(_Strict):
     name: str = Field(min_length=1)
     work_dirs: list[str] = Field(min_length=1)
@@ -315,39 +279,6 @@ class WatchConfig(_Strict):
         if value <= 0:
             raise ValueError("must be greater than 0")
         return value
-
-
-class DiskConfig(_Strict):
-    """``disk.min_free``: a watermark per filesystem, a share ("15%") or a size ("200GiB")."""
-
-    min_free: str
-
-    @field_validator("min_free", mode="before")
-    @classmethod
-    def _share_or_size(cls, value: Any) -> str:
-        text = str(value).strip()
-        if text.endswith("%"):
-            try:
-                share = float(text[:-1])
-            except ValueError:
-                share = -1.0
-            if not 0 < share < 100:
-                raise ValueError(f"{text!r}: a share must be between 0% and 100%, e.g. 15%")
-            return text
-        try:
-            if parse_size(text) <= 0:
-                raise ValueError
-        except ValueError:
-            raise ValueError(
-                f"{text!r} is neither a share (e.g. 15%) nor a size (e.g. 200GiB)"
-            ) from None
-        return text
-
-    def threshold(self, total_bytes: int) -> int:
-        """The free bytes wanted on a filesystem of ``total_bytes``."""
-        if self.min_free.endswith("%"):
-            return int(total_bytes * float(self.min_free[:-1]) / 100)
-        return parse_size(self.min_free)
 
 
 class Config(_Strict):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from ckptd.core.config import load_config
@@ -22,7 +23,7 @@ from ckptd.engine.reconcile import PassOptions, reconcile
 from ckptd.engine.targets import discover
 from ckptd.service.hooks import HookRunner
 from ckptd.service.metrics import DaemonMetrics
-from tests.helpers import checkpoints, cli, simulate, write_config
+from tests.helpers import REPO, checkpoints, cli, simulate, write_config
 
 VALUES = [0.1, 0.2, 0.3, 0.4, 0.5]
 RECORD_ENV = """\
@@ -101,13 +102,11 @@ def receiver() -> Iterator[tuple[str, list[dict[str, object]]]]:
     server.server_close()
 
 
-# The docs' Slack-style webhook: ckptd runs no shell, so the example asks for one explicitly
-# to expand the CKPTD_* variables (docs/hooks.md).
-WEBHOOK = (
-    'curl -sS --fail -m 10 -H "Content-Type: application/json" '
-    '-d "{\\"text\\": \\"$CKPTD_PROJECT: new best $CKPTD_METRIC=$CKPTD_VALUE '
-    '(epoch $CKPTD_INDEX)\\"}" "$WEBHOOK_URL"'
-)
+def docs_webhook() -> list[str]:
+    """The webhook example of docs/hooks.md, as a user would paste it."""
+    text = (REPO / "docs" / "hooks.md").read_text()
+    block = text.split("## Example: a Slack")[1].split("```yaml")[1].split("```")[0]
+    return yaml.safe_load(block)["hooks"]["on_new_best"]
 
 
 def test_webhook_with_curl_to_a_local_receiver(
@@ -116,8 +115,8 @@ def test_webhook_with_curl_to_a_local_receiver(
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     url, posts = receiver
-    monkeypatch.setenv("WEBHOOK_URL", url)
-    config = write_config(tmp_path, hooks={"on_new_best": ["sh", "-c", WEBHOOK]})
+    monkeypatch.setenv("SLACK_WEBHOOK_URL", url)
+    config = write_config(tmp_path, hooks={"on_new_best": docs_webhook()})
     train(tmp_path / "work_dirs" / "run", 3)
     code, stdout, _ = cli("once", "-c", str(config))
     assert code == 0 and "hook failed" not in stdout, stdout
