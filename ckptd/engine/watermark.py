@@ -76,7 +76,8 @@ def _running(report: WorkDirReport, now: float) -> bool:
 def offered(report: WorkDirReport, now: float) -> list[Candidate]:
     """What this work_dir's last pass lets the watermark delete."""
     plan = report.plan
-    if report.failed or report.skip is not None or plan is None or plan.held:
+    # A dry run's pass would not delete: offering it would only hide other candidates.
+    if report.failed or report.skip is not None or report.dry_run or plan is None or plan.held:
         return []
     return candidates(str(report.target.work_dir), plan, _running(report, now))
 

@@ -199,6 +199,7 @@ class DaemonMetrics:
             ["work_dir", "project", "hook"],
             registry=self.registry,
         )
+        self._hook_labels: set[tuple[str, str, str]] = set()  # so forget() can drop them
         if own:  # a shared registry (e.g. the global one) may already have these
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
@@ -275,12 +276,18 @@ class DaemonMetrics:
         self._watermark_deletions.labels(mountpoint).inc(max(0, deletions))
 
     def record_hook_failure(self, work_dir: str, project: str, hook: str) -> None:
+        with self._lock:
+            self._hook_labels.add((work_dir, project, hook))
         self._hook_failures.labels(work_dir, project, hook).inc()
 
     def forget(self, work_dir: str) -> None:
         """The work_dir is no longer watched: every series labelled with it disappears."""
         with self._lock:
             self._rows.pop(work_dir, None)
+            hooks = {labels for labels in self._hook_labels if labels[0] == work_dir}
+            self._hook_labels -= hooks
+        for labels in hooks:
+            self._hook_failures.remove(*labels)
 
     def _snapshot(self) -> list[tuple[str, _WorkDirStats]]:
         with self._lock:

@@ -131,6 +131,8 @@ def test_once_frees_the_ended_runs_oldest_first_and_reports_blocked(
         assert "only protected checkpoints" in blocked.stdout
         assert "disk watermark: " in blocked.stdout  # each deletion's reason in the listing
         assert epochs_of(ns.view(ended)) == [8] and epochs_of(ns.view(running)) == [5]
+        status = ns.ckptd("status", "-c", str(config))
+        assert status.returncode == 0 and "only protected checkpoints" in status.stdout
         assert (ns.view(running) / "best").is_dir()
 
 

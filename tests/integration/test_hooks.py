@@ -163,7 +163,8 @@ def test_ckptd_run_runs_hooks_in_the_background_and_counts_failures(tmp_path: Pa
     (target,) = discover(load_config(config)).targets
     report = reconcile(target, PassOptions(settle=0))
     registry = CollectorRegistry()
-    runner = HookRunner(DaemonMetrics(registry))
+    metrics = DaemonMetrics(registry)
+    runner = HookRunner(metrics)
     started = time.monotonic()
     runner.after_pass(report)
     assert time.monotonic() - started < 0.5  # the pass does not wait for the hook
@@ -175,3 +176,5 @@ def test_ckptd_run_runs_hooks_in_the_background_and_counts_failures(tmp_path: Pa
     runner.after_pass(reconcile(target, PassOptions(settle=0)))  # no new best: no hook
     runner.stop(5)
     assert registry.get_sample_value("ckptd_hook_failures_total", labels) == 1
+    metrics.forget(str(target.work_dir))  # no longer watched: its series go
+    assert registry.get_sample_value("ckptd_hook_failures_total", labels) is None
