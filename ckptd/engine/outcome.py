@@ -114,6 +114,9 @@ class WorkDirReport:
     reclaimed_bytes: int = 0  # this pass
     reclaimed_total: int = 0  # since ckptd first managed the work_dir
     publish: PublishOutcome | None = None  # artifact.publish: filled after the pass (ckptd once)
+    # The plan was made with no error holding deletions back (a later failure, such as no
+    # space for the state file, does not change what may be deleted): disk.min_free may use it.
+    deletions_clear: bool = False
 
     @property
     def failed(self) -> bool:
@@ -154,6 +157,7 @@ class WorkDirReport:
         self.notes += [n for n in later.notes if n not in self.notes]
         self.skip, self.skipped = self.skip or later.skip, self.skipped or later.skipped
         self.seconds += later.seconds
+        self.deletions_clear = later.deletions_clear
         self.reclaimed_bytes += later.reclaimed_bytes
         self.reclaimed_total = max(self.reclaimed_total, later.reclaimed_total)
 

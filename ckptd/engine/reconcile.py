@@ -113,6 +113,7 @@ def _act(
                 f"{len(report.plan.held)} deletion(s) held back until the errors above are fixed"
             )
         return
+    report.deletions_clear = True
     report.plan = apply_evictions(report.plan, options.evict)
     if options.dry_run or target.project.dry_run:
         return

@@ -4,8 +4,7 @@ chosen work_dirs passed again with those evictions (``PassOptions.evict``).
 
 The extra pass re-plans under the work_dir's lock, so a deletion still needs the fresh plan
 to keep the checkpoint unprotected and its stat to be the planned one; a work_dir whose pass
-holds deletions back (errors), was skipped or is a dry run's contributes nothing it would not
-show.
+holds deletions back (errors) or was skipped contributes nothing (``offered``).
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from ckptd.core.watermark import (
     is_running,
     plan_watermark,
 )
-from ckptd.engine.outcome import PassOptions, WorkDirReport
+from ckptd.engine.outcome import ErrorKind, PassOptions, WorkDirReport
 
 # ckptd once: rounds of evictions at most (a round re-reads free space; one is the rule).
 MAX_ROUNDS = 4
@@ -76,8 +75,18 @@ def _running(report: WorkDirReport, now: float) -> bool:
 def offered(report: WorkDirReport, now: float) -> list[Candidate]:
     """What this work_dir's last pass lets the watermark delete."""
     plan = report.plan
-    # A dry run's pass would not delete: offering it would only hide other candidates.
-    if report.failed or report.skip is not None or report.dry_run or plan is None or plan.held:
+    # Not from a pass whose errors hold deletions back, nor one whose deletions failed (asking
+    # again would fail again); a dry run's pass would not delete: offering it would only hide
+    # other candidates. A pass that failed only afterwards (ENOSPC writing its state on a full
+    # disk) still offers: its eviction pass frees the space first.
+    if (
+        not report.deletions_clear
+        or ErrorKind.DELETE in report.error_kinds
+        or report.skip is not None
+        or report.dry_run
+        or plan is None
+        or plan.held
+    ):
         return []
     return candidates(str(report.target.work_dir), plan, _running(report, now))
 

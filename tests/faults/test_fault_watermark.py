@@ -205,3 +205,35 @@ def test_a_trainer_writing_under_ckptd_run_never_runs_out_of_space(
             longest_under_watermark=f"{longest:.2f} s",
             free_at_end=f"{low / MiB:.1f} MiB",
         )
+
+
+def test_a_full_disk_is_freed_although_the_state_file_cannot_be_written(tmp_path: Path) -> None:
+    """At 0 bytes free a pass cannot save its state (ENOSPC); its plan was still sound, so the
+    watermark's eviction pass deletes first and then saves."""
+    with MountNamespace() as ns:
+        disk = tmp_path / "disk"
+        disk.mkdir()
+        ns.mount_tmpfs(disk, "24m")
+        config = write_config(
+            tmp_path, work_dirs=[f"{disk}/work_dirs/*"], retention={"keep_last": 100}
+        )
+        config.write_text(config.read_text() + "disk:\n  min_free: 20%\n")
+        run = disk / "work_dirs" / "run"
+        assert simulate(ns, run, 6).returncode == 0
+        assert ns.ckptd("once", "-c", str(config)).returncode == 0  # artifact, state: above
+        view = ns.view(disk)
+        (ns.view(run) / ".ckptd" / "state.json").unlink()  # the pass must write it again
+        # the trainer's last write filled the disk
+        with (view / "filler").open("wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        assert free(view)[0] < 4096
+        result = ns.ckptd("once", "--json", "-c", str(config))
+        assert "No space left on device" in result.stdout  # the first pass's state write
+        gone = deletions(result.stdout)["run"]
+        assert gone and all(rules == ["disk_watermark"] for _, rules in gone)
+        assert free(view)[0] > 0 and 6 in epochs_of(ns.view(run))
+        assert (ns.view(run) / ".ckptd" / "state.json").exists()  # the eviction pass saved it
