@@ -146,12 +146,35 @@ def _pass(args: argparse.Namespace, dry_run: bool) -> tuple[list, list[str]]:
     found = discover(loaded)
     options = PassOptions(settle=loaded.config.watch.settle, dry_run=dry_run, one_shot=True)
     reports = [reconcile(target, options) for target in found.targets]
+    notes = list(found.notes)
+    if loaded.config.disk is not None:
+        from ckptd.engine.watermark import enforce
+
+        # Across the work_dirs of each filesystem, after each one's own plan.
+        notes += enforce(reports, loaded.config.disk, options, reconcile)
     if any(t.project.artifact.publish for t in found.targets):
         from ckptd.publish.sync import publish_reports
 
         # After every pass: retention never waits for an upload (dry runs only show state).
         publish_reports(reports)
-    return reports, found.notes
+    if any(t.project.hooks.on_new_best for t in found.targets):
+        _run_hooks(reports)
+    return reports, notes
+
+
+def _run_hooks(reports: list) -> None:
+    """hooks.on_new_best after the passes and publishing, each within hooks.timeout."""
+    import logging
+
+    from ckptd.engine.hooks import log_result, new_best_hooks, run_hook
+
+    log = logging.getLogger("ckptd.hooks")
+    for report in reports:
+        for run in new_best_hooks(report):
+            result = run_hook(run)
+            log_result(result, log)
+            if not result.ok:
+                report.notes.append(f"hook failed: {result.detail}")
 
 
 def _print_pass(args: argparse.Namespace, dry_run: bool, summary: bool, charts: bool) -> int:

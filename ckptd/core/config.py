@@ -8,25 +8,20 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from ckptd.core.units import format_duration, format_size, parse_duration, parse_size
-
-Duration = Annotated[
-    float, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)
-]
-Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size, return_type=str)]
+from ckptd.core.configops import DiskConfig, HooksConfig
+from ckptd.core.configtypes import Duration, Size, _Strict
+from ckptd.core.units import format_duration
 
 LAYOUT_NAMES = ("mmengine", "mmcv", "lightning", "hf")
 Rule = Literal["greater", "less"]
@@ -60,10 +55,6 @@ SECRET_OPTION_KEYS = frozenset(
 
 class ConfigError(Exception):
     """A config that cannot be used; ``str()`` is the message users see (file, key, remedy)."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
 
 
 class BestConfig(_Strict):
@@ -283,6 +274,7 @@ class ProjectConfig(_Strict):
     retention: RetentionConfig = RetentionConfig()
     artifact: ArtifactConfig = ArtifactConfig()
     lightning: LightningConfig = LightningConfig()
+    hooks: HooksConfig = HooksConfig()
     dry_run: bool = False
 
     @model_validator(mode="after")
@@ -312,6 +304,7 @@ class WatchConfig(_Strict):
 class Config(_Strict):
     projects: list[ProjectConfig] = Field(min_length=1)
     watch: WatchConfig = WatchConfig()
+    disk: DiskConfig | None = None  # absent: no watermark
 
     @field_validator("projects")
     @classmethod

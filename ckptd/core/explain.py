@@ -45,6 +45,14 @@ def _over_budget(d: Mapping[str, Any]) -> str:
     )
 
 
+def _watermark(d: Mapping[str, Any]) -> str:
+    if str(d["min_free"]).endswith("%"):
+        free = f"{100 * d['free_bytes'] / max(1, d['total_bytes']):.1f}%"
+    else:
+        free = format_size(d["free_bytes"])
+    return f"disk watermark: {free} free < {d['min_free']}"
+
+
 _TEXT: dict[RuleId, Callable[[Mapping[str, Any]], str]] = {
     RuleId.BEING_WRITTEN: lambda d: f"not complete ({d['why']})",
     RuleId.NEWEST: lambda d: "newest complete checkpoint",
@@ -64,6 +72,7 @@ _TEXT: dict[RuleId, Callable[[Mapping[str, Any]], str]] = {
     RuleId.KEEP_BEST: lambda d: f"keep_best #{d['rank']} ({d['metric']} = {d['value']:.6g})",
     RuleId.NOT_KEPT: _not_kept,
     RuleId.MAX_TOTAL_SIZE: _over_budget,
+    RuleId.DISK_WATERMARK: _watermark,
     RuleId.HELD_BY_ERRORS: lambda d: (
         f"would be deleted, held back by this pass's {', '.join(d['errors'])} error(s)"
     ),

@@ -44,6 +44,8 @@ class RuleId(StrEnum):
     # why a checkpoint goes: no rule kept it, or the size budget overrode the rules that did
     NOT_KEPT = "not_kept"
     MAX_TOTAL_SIZE = "max_total_size"
+    # disk.min_free: the filesystem is short of space (core/watermark.py, across work_dirs)
+    DISK_WATERMARK = "disk_watermark"
     # why a deletion waits: errors of this pass
     HELD_BY_ERRORS = "held_by_errors"
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from ckptd.core.cancel import CancelToken
 from ckptd.core.model import Best, FileStat
-from ckptd.core.policy import Decision, Plan
+from ckptd.core.policy import Decision, Plan, Reason
 from ckptd.engine.artifacts import ArtifactEntry
 from ckptd.engine.observe import Observation
 from ckptd.engine.targets import Target
@@ -122,6 +122,9 @@ class WorkDirReport:
     reclaimed_bytes: int = 0  # this pass
     reclaimed_total: int = 0  # since ckptd first managed the work_dir
     publish: PublishOutcome | None = None  # artifact.publish: filled after the pass (ckptd once)
+    # The plan was made with no error holding deletions back (a later failure, such as no
+    # space for the state file, does not change what may be deleted): disk.min_free may use it.
+    deletions_clear: bool = False
 
     @property
     def failed(self) -> bool:
@@ -140,6 +143,31 @@ class WorkDirReport:
             if t is not None
         ]
         return min(moments, default=None)
+
+    def absorb(self, later: WorkDirReport) -> None:
+        """Fold in a second pass over the same work_dir (disk.min_free's evictions), so one
+        report says what both did; the plan and observation are the later pass's."""
+        self.observation = later.observation or self.observation
+        if self.plan is not None and later.plan is not None:
+            # what the first pass deleted is no longer in the later plan: still list it
+            names = {d.checkpoint.name for d in later.plan.decisions}
+            gone = [d for d in self.plan.decisions if d.checkpoint.name not in names]
+            merged = sorted(
+                (*later.plan.decisions, *gone), key=lambda d: d.checkpoint.index, reverse=True
+            )
+            self.plan = replace(later.plan, decisions=tuple(merged))
+        else:
+            self.plan = later.plan or self.plan
+        self.artifacts += [a for a in later.artifacts if a.status is ArtifactStatus.WRITTEN]
+        self.deletions += later.deletions
+        self.errors += later.errors
+        self.error_kinds += later.error_kinds
+        self.notes += [n for n in later.notes if n not in self.notes]
+        self.skip, self.skipped = self.skip or later.skip, self.skipped or later.skipped
+        self.seconds += later.seconds
+        self.deletions_clear = later.deletions_clear
+        self.reclaimed_bytes += later.reclaimed_bytes
+        self.reclaimed_total = max(self.reclaimed_total, later.reclaimed_total)
 
     def error(self, kind: ErrorKind, message: str) -> None:
         self.errors.append(message)
@@ -160,3 +188,6 @@ class PassOptions:
     cancel: CancelToken | None = None  # the daemon's stop: long copies end cleanly
     # ckptd once / status: no later pass finishes what waits, unless the user runs one
     one_shot: bool = False
+    # disk.min_free: checkpoint name -> (stat when planned, why) the watermark wants gone,
+    # deleted only if this pass's own plan still keeps it unprotected (core/watermark.py)
+    evict: Mapping[str, tuple[FileStat, Reason]] = field(default_factory=dict)

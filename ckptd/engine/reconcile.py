@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ckptd.core.explain import describe_all, plan_notes
 from ckptd.core.policy import Decision, PolicyInput, plan
+from ckptd.core.watermark import apply_evictions
 from ckptd.engine import artifacts
 from ckptd.engine.bestartifact import ensure_artifacts
 from ckptd.engine.observe import Observation, observe
@@ -113,6 +114,8 @@ def _act(
                 f"{len(report.plan.held)} deletion(s) held back until the errors above are fixed"
             )
         return
+    report.deletions_clear = True
+    report.plan = apply_evictions(report.plan, options.evict)
     if options.dry_run or target.project.dry_run:
         return
     _still_there(target.work_dir, identity)

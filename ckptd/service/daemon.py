@@ -24,7 +24,9 @@ from ckptd.core.timings import TIMINGS, Timings
 from ckptd.engine.reconcile import PassOptions, WorkDirReport, reconcile
 from ckptd.present.report import metrics_of
 from ckptd.service.discovery import WorkDirSet
+from ckptd.service.diskwatch import DiskWatch
 from ckptd.service.health import Health, status_line
+from ckptd.service.hooks import HookRunner
 from ckptd.service.metrics import DaemonMetrics
 from ckptd.service.publishing import PublishRelay
 from ckptd.service.schedule import WorkDirSlot, next_due
@@ -54,6 +56,8 @@ class Daemon:
         self.work_dirs = WorkDirSet(timings)
         self.slots = self.work_dirs.slots
         self.publishing = PublishRelay(metrics)
+        self.hooks = HookRunner(metrics)
+        self.disk = DiskWatch(metrics)
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._stop_deadline: float | None = None
@@ -177,8 +181,12 @@ class Daemon:
                     continue
                 slot.running, slot.again, slot.due = True, False, None
                 closed, slot.closed = slot.closed, {}
+                evict, slot.evict = slot.evict, {}
                 options = PassOptions(
-                    settle=self.loaded.config.watch.settle, closed=closed, cancel=self._cancel
+                    settle=self.loaded.config.watch.settle,
+                    closed=closed,
+                    cancel=self._cancel,
+                    evict=evict,
                 )
                 future = self._pool.submit(reconcile, slot.target, options, slot.lock)
                 future.add_done_callback(lambda f, s=slot: self._finished(s, f))
@@ -215,6 +223,25 @@ class Daemon:
             self.on_report(report)
         if not self._stop.is_set():
             self.publishing.after_pass(report, slot.lock)
+            self.hooks.after_pass(report)
+            self._watermark(report)
+
+    def _watermark(self, report: WorkDirReport) -> None:
+        """disk.min_free: re-plan the filesystem's work_dirs after each pass."""
+        disk = self.loaded.config.disk
+        if disk is None:
+            return
+        with self._cond:
+            latest = [s.last_report for s in self.slots.values() if s.last_report is not None]
+        evictions = self.disk.after_pass(report, latest, disk)
+        now = time.monotonic()
+        with self._cond:
+            for work_dir, evict in evictions.items():
+                slot = self.slots.get(work_dir)
+                if slot is not None:
+                    slot.evict.update(evict)
+                    self._mark_due(slot, now)
+            self._cond.notify_all()
 
     # --- health --------------------------------------------------------------------------
 
@@ -254,6 +281,7 @@ class Daemon:
         self._pool.shutdown(wait=True, cancel_futures=True)
         left = (self._stop_deadline or time.monotonic()) - time.monotonic()
         self.publishing.stop(max(1.0, left))
+        self.hooks.stop(max(1.0, left))
         for slot in self.slots.values():
             slot.lock.release()
         self.notifier.close()

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -180,6 +180,26 @@ class DaemonMetrics:
             {"version": __version__, "python": platform.python_version()}
         )
         self.registry.register(_WorkDirCollector(self))
+        # disk.min_free (service/diskwatch.py) and hooks (service/hooks.py)
+        self._watermark_blocked = Gauge(
+            "ckptd_disk_watermark_blocked",
+            "1 while only protected checkpoints keep a filesystem under disk.min_free.",
+            ["mountpoint"],
+            registry=self.registry,
+        )
+        self._watermark_deletions = Counter(
+            "ckptd_disk_watermark_deletions",
+            "Checkpoints deleted because a filesystem was under disk.min_free.",
+            ["mountpoint"],
+            registry=self.registry,
+        )
+        self._hook_failures = Counter(
+            "ckptd_hook_failures",
+            "Hooks that failed, timed out or could not start.",
+            ["work_dir", "project", "hook"],
+            registry=self.registry,
+        )
+        self._hook_labels: set[tuple[str, str, str]] = set()  # so forget() can drop them
         if own:  # a shared registry (e.g. the global one) may already have these
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
@@ -251,10 +271,23 @@ class DaemonMetrics:
             row.upload_timeouts += int(timed_out)
             row.publish_pending = pending
 
+    def record_watermark(self, mountpoint: str, blocked: bool, deletions: int) -> None:
+        self._watermark_blocked.labels(mountpoint).set(int(blocked))
+        self._watermark_deletions.labels(mountpoint).inc(max(0, deletions))
+
+    def record_hook_failure(self, work_dir: str, project: str, hook: str) -> None:
+        with self._lock:
+            self._hook_labels.add((work_dir, project, hook))
+        self._hook_failures.labels(work_dir, project, hook).inc()
+
     def forget(self, work_dir: str) -> None:
         """The work_dir is no longer watched: every series labelled with it disappears."""
         with self._lock:
             self._rows.pop(work_dir, None)
+            hooks = {labels for labels in self._hook_labels if labels[0] == work_dir}
+            self._hook_labels -= hooks
+        for labels in hooks:
+            self._hook_failures.remove(*labels)
 
     def _snapshot(self) -> list[tuple[str, _WorkDirStats]]:
         with self._lock:

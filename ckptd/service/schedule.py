@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptd.core.model import FileStat
+from ckptd.core.policy import Reason
 from ckptd.core.timings import TIMINGS, Timings
 from ckptd.engine.outcome import SkipReason, WorkDirReport
 from ckptd.engine.state import WorkDirLock
@@ -32,6 +33,8 @@ class WorkDirSlot:
     last_report: WorkDirReport | None = None
     attempted: bool = False  # a pass finished (ok, failed, or skipped as locked)
     closed: dict[str, FileStat] = field(default_factory=dict)
+    # disk.min_free: what the next pass should delete (service/diskwatch.py)
+    evict: dict[str, tuple[FileStat, Reason]] = field(default_factory=dict)
 
 
 def folder_stamps(folders: list[Path]) -> tuple[int, ...]:
