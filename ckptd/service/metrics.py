@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from ckptd import __version__
 from ckptd.engine.outcome import ErrorKind
+from ckptd.fs.space import filesystems_of
 from ckptd.service.http import MetricsServer
 
 __all__ = [
@@ -55,6 +56,8 @@ class _WorkDirStats:
     reclaimed_bytes: int = 0
     slims: int = 0
     deletions: int = 0
+    deletions_held: int = 0  # by the last pass (errors hold every deletion back)
+    over_budget: bool = False  # protected checkpoints alone over retention.max_total_size
     passes: dict[str, int] = field(default_factory=lambda: {"ok": 0, "error": 0})
     errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ERROR_KINDS, 0))
     best: dict[str, float] = field(default_factory=dict)
@@ -89,6 +92,14 @@ class _WorkDirCollector(Collector):
         reclaimed = counter("ckptd_reclaimed_bytes", "Bytes freed by deleting checkpoints.")
         slims = counter("ckptd_slims", "Slim best-model artifacts written.")
         deletions = counter("ckptd_deletions", "Checkpoints deleted.")
+        held_back = gauge(
+            "ckptd_deletions_held",
+            "Deletions the last pass held back because it found errors (0: none held).",
+        )
+        over_budget = gauge(
+            "ckptd_over_budget",
+            "1 while protected checkpoints alone exceed retention.max_total_size.",
+        )
         passes = counter("ckptd_reconcile_passes", "Reconcile passes by result.", [*wdp, "result"])
         errors = counter("ckptd_errors", "Errors by kind.", [*wdp, "kind"])
         best = gauge("ckptd_best_metric_value", "Best value of a metric.", [*wdp, "metric"])
@@ -111,6 +122,8 @@ class _WorkDirCollector(Collector):
             reclaimed.add_metric(labels, s.reclaimed_bytes)
             slims.add_metric(labels, s.slims)
             deletions.add_metric(labels, s.deletions)
+            held_back.add_metric(labels, s.deletions_held)
+            over_budget.add_metric(labels, int(s.over_budget))
             for result, n in sorted(s.passes.items()):
                 passes.add_metric([*labels, result], n)
             for kind, n in sorted(s.errors.items()):
@@ -122,9 +135,10 @@ class _WorkDirCollector(Collector):
             if s.last_ok is not None:
                 last_ok.add_metric(labels, s.last_ok)
             age.add_metric(labels, max(0.0, now - (s.last_ok or s.first_seen)))
-        yield from (kept, held, reclaimed, slims, deletions, passes, errors, best, artifact)
-        yield from (last_ok, age)
+        yield from (kept, held, reclaimed, slims, deletions, held_back, over_budget)
+        yield from (passes, errors, best, artifact, last_ok, age)
         yield from _publish_families(rows, wdp)
+        yield from self._owner._filesystem_families([path for path, _ in rows])
 
 
 def _publish_families(rows: list[tuple[str, _WorkDirStats]], wdp: list[str]) -> list[Metric]:
@@ -161,6 +175,12 @@ class DaemonMetrics:
         self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
         self._lock = threading.Lock()
         self._rows: dict[str, _WorkDirStats] = {}
+        self._mountpoints: dict[tuple[str, int], str] = {}  # (work_dir, st_dev) -> mountpoint
+        self._ready = Gauge(
+            "ckptd_ready",
+            "1 while /healthz answers 200: the first full pass is done and the loop runs.",
+            registry=self.registry,
+        )
         self._watched = Gauge(
             "ckptd_work_dirs_watched", "Work_dirs ckptd manages now.", registry=self.registry
         )
@@ -203,10 +223,13 @@ class DaemonMetrics:
         deletions: int,
         errors: list[str],
         best: dict[str, float],
+        deletions_held: int = 0,
+        over_budget: bool = False,
     ) -> None:
         """One finished pass. Gauges take the values given (the work_dir after the pass);
         counters add ``reclaimed_bytes``, ``deletions``, one per slim and one per error kind
-        listed (a kind may repeat). ``best`` replaces the previous best values."""
+        listed (a kind may repeat). ``best`` replaces the previous best values.
+        ``deletions_held``: deletions the pass held back; ``over_budget``: its plan's."""
         self._pass_seconds.observe(max(0.0, seconds))
         for _key, slim_seconds, _size in slims:
             self._slim_seconds.observe(max(0.0, slim_seconds))
@@ -222,6 +245,8 @@ class DaemonMetrics:
             row.bytes_held = bytes_held
             row.reclaimed_bytes += max(0, reclaimed_bytes)
             row.deletions += max(0, deletions)
+            row.deletions_held = max(0, deletions_held)
+            row.over_budget = bool(over_budget)
             row.slims += len(slims)
             for key, _slim_seconds, size in slims:
                 row.artifact_bytes[key] = size
@@ -255,6 +280,30 @@ class DaemonMetrics:
         """The work_dir is no longer watched: every series labelled with it disappears."""
         with self._lock:
             self._rows.pop(work_dir, None)
+            for key in [k for k in self._mountpoints if k[0] == work_dir]:
+                del self._mountpoints[key]
+
+    def _filesystem_families(self, work_dirs: list[str]) -> list[Metric]:
+        """Free and total bytes of each filesystem holding a managed work_dir, read at
+        scrape time (a stat per work_dir, a statvfs per filesystem)."""
+        free = GaugeMetricFamily(
+            "ckptd_filesystem_free_bytes",
+            "Bytes available to unprivileged writers on a filesystem holding managed work_dirs.",
+            labels=["mountpoint"],
+        )
+        size = GaugeMetricFamily(
+            "ckptd_filesystem_size_bytes",
+            "Size of a filesystem holding managed work_dirs.",
+            labels=["mountpoint"],
+        )
+        with self._lock:
+            cache = dict(self._mountpoints)
+        for fs in filesystems_of(work_dirs, cache):
+            free.add_metric([fs.mountpoint], fs.free_bytes)
+            size.add_metric([fs.mountpoint], fs.size_bytes)
+        with self._lock:
+            self._mountpoints.update(cache)
+        return [free, size]
 
     def _snapshot(self) -> list[tuple[str, _WorkDirStats]]:
         with self._lock:
@@ -270,6 +319,8 @@ class DaemonMetrics:
                         reclaimed_bytes=s.reclaimed_bytes,
                         slims=s.slims,
                         deletions=s.deletions,
+                        deletions_held=s.deletions_held,
+                        over_budget=s.over_budget,
                         passes=dict(s.passes),
                         errors=dict(s.errors),
                         best=dict(s.best),
@@ -290,5 +341,14 @@ class DaemonMetrics:
         """Listen on ``address`` ("127.0.0.1:9464", "[::1]:9464", ":9464" = every interface,
         IPv4 and IPv6 where possible; port 0 = any free port) and serve in a daemon thread
         until ``stop()``. ValueError for a malformed address, OSError if it cannot be bound.
-        ``health`` is called per /healthz request, from the server's threads."""
+        ``health`` is called per /healthz request, from the server's threads, and per scrape
+        for ``ckptd_ready``."""
+
+        def ready() -> float:
+            try:
+                return float(bool(health()[0]))
+            except Exception:
+                return 0.0
+
+        self._ready.set_function(ready)
         return MetricsServer(address, self.registry, health)
