@@ -1,10 +1,9 @@
-"""Free space of the filesystems that hold given folders: one ``statvfs`` per filesystem
-(folders deduplicated by ``st_dev``), named by its mountpoint."""
+"""Free space of the filesystem holding a folder (``statvfs``), named by its mountpoint and
+identified by its device (``st_dev``), so that work_dirs on one filesystem count it once."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,30 +24,19 @@ def mountpoint_of(path: Path) -> Path:
     return path
 
 
-def filesystems_of(
-    folders: Iterable[str | Path], mountpoints: dict[tuple[str, int], str] | None = None
-) -> list[FilesystemSpace]:
-    """One entry per filesystem holding any of ``folders`` (ones that cannot be stat'ed are
-    left out), ordered by mountpoint. ``mountpoints``: a cache (folder, device) → mountpoint
-    the caller keeps, so that a repeated call costs one ``stat`` per folder and one
-    ``statvfs`` per filesystem."""
+def space_of(
+    folder: str | Path, mountpoints: dict[tuple[str, int], str] | None = None
+) -> FilesystemSpace | None:
+    """The filesystem holding ``folder`` now; None if the folder cannot be stat'ed.
+    ``mountpoints``: a cache (folder, device) → mountpoint the caller keeps, so that a repeated
+    call costs one ``stat`` and one ``statvfs``."""
+    try:
+        device = os.stat(folder).st_dev
+        st = os.statvfs(folder)
+    except OSError:
+        return None
     cache = {} if mountpoints is None else mountpoints
-    found: dict[int, FilesystemSpace] = {}
-    for folder in folders:
-        try:
-            device = os.stat(folder).st_dev
-        except OSError:
-            continue
-        if device in found:
-            continue
-        key = (str(folder), device)
-        if key not in cache:
-            cache[key] = str(mountpoint_of(Path(folder)))
-        try:
-            st = os.statvfs(folder)
-        except OSError:
-            continue
-        found[device] = FilesystemSpace(
-            device, cache[key], st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-        )
-    return sorted(found.values(), key=lambda fs: fs.mountpoint)
+    key = (str(folder), device)
+    if key not in cache:
+        cache[key] = str(mountpoint_of(Path(folder)))
+    return FilesystemSpace(device, cache[key], st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize)

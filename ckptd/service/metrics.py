@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from ckptd import __version__
 from ckptd.engine.outcome import ErrorKind
-from ckptd.fs.space import filesystems_of
+from ckptd.fs.space import FilesystemSpace, space_of
 from ckptd.service.http import MetricsServer
 
 __all__ = [
@@ -138,7 +138,7 @@ class _WorkDirCollector(Collector):
         yield from (kept, held, reclaimed, slims, deletions, held_back, over_budget)
         yield from (passes, errors, best, artifact, last_ok, age)
         yield from _publish_families(rows, wdp)
-        yield from self._owner._filesystem_families([path for path, _ in rows])
+        yield from self._owner._filesystem_families()
 
 
 def _publish_families(rows: list[tuple[str, _WorkDirStats]], wdp: list[str]) -> list[Metric]:
@@ -176,6 +176,8 @@ class DaemonMetrics:
         self._lock = threading.Lock()
         self._rows: dict[str, _WorkDirStats] = {}
         self._mountpoints: dict[tuple[str, int], str] = {}  # (work_dir, st_dev) -> mountpoint
+        # work_dir -> (when, its filesystem), read after each pass (a stat and a statvfs)
+        self._space: dict[str, tuple[float, FilesystemSpace]] = {}
         self._ready = Gauge(
             "ckptd_ready",
             "1 while /healthz answers 200: the first full pass is done and the loop runs.",
@@ -229,8 +231,13 @@ class DaemonMetrics:
         """One finished pass. Gauges take the values given (the work_dir after the pass);
         counters add ``reclaimed_bytes``, ``deletions``, one per slim and one per error kind
         listed (a kind may repeat). ``best`` replaces the previous best values.
-        ``deletions_held``: deletions the pass held back; ``over_budget``: its plan's."""
+        ``deletions_held``: deletions the pass held back; ``over_budget``: its plan's.
+        Also reads the free space of the work_dir's filesystem (once per pass, from the
+        worker thread that just scanned it: a hung mount never blocks a scrape)."""
         self._pass_seconds.observe(max(0.0, seconds))
+        with self._lock:
+            mountpoints = {k: v for k, v in self._mountpoints.items() if k[0] == work_dir}
+        space = space_of(work_dir, mountpoints)
         for _key, slim_seconds, _size in slims:
             self._slim_seconds.observe(max(0.0, slim_seconds))
         now = time.time()
@@ -253,6 +260,11 @@ class DaemonMetrics:
             for kind in errors:
                 row.errors[kind] = row.errors.get(kind, 0) + 1
             row.best = {key: float(value) for key, value in best.items()}
+            self._mountpoints.update(mountpoints)
+            if space is None:
+                self._space.pop(work_dir, None)
+            else:
+                self._space[work_dir] = (now, space)
 
     def record_publish(
         self,
@@ -280,12 +292,13 @@ class DaemonMetrics:
         """The work_dir is no longer watched: every series labelled with it disappears."""
         with self._lock:
             self._rows.pop(work_dir, None)
+            self._space.pop(work_dir, None)
             for key in [k for k in self._mountpoints if k[0] == work_dir]:
                 del self._mountpoints[key]
 
-    def _filesystem_families(self, work_dirs: list[str]) -> list[Metric]:
-        """Free and total bytes of each filesystem holding a managed work_dir, read at
-        scrape time (a stat per work_dir, a statvfs per filesystem)."""
+    def _filesystem_families(self) -> list[Metric]:
+        """Free and total bytes of each filesystem holding a managed work_dir, one series per
+        device (its newest reading), as the last pass of each work_dir found them."""
         free = GaugeMetricFamily(
             "ckptd_filesystem_free_bytes",
             "Bytes available to unprivileged writers on a filesystem holding managed work_dirs.",
@@ -296,13 +309,14 @@ class DaemonMetrics:
             "Size of a filesystem holding managed work_dirs.",
             labels=["mountpoint"],
         )
+        newest: dict[int, tuple[float, FilesystemSpace]] = {}
         with self._lock:
-            cache = dict(self._mountpoints)
-        for fs in filesystems_of(work_dirs, cache):
+            for when, fs in self._space.values():
+                if fs.device not in newest or when > newest[fs.device][0]:
+                    newest[fs.device] = (when, fs)
+        for _when, fs in sorted(newest.values(), key=lambda item: item[1].mountpoint):
             free.add_metric([fs.mountpoint], fs.free_bytes)
             size.add_metric([fs.mountpoint], fs.size_bytes)
-        with self._lock:
-            self._mountpoints.update(cache)
         return [free, size]
 
     def _snapshot(self) -> list[tuple[str, _WorkDirStats]]:

@@ -3,6 +3,7 @@ unit tests (ckptd-alerts.test.yml, hand-written series) passing under ``promtool
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from tests.helpers import REPO
 
 RULES = REPO / "deploy" / "prometheus" / "ckptd-alerts.yml"
 RULE_TESTS = REPO / "deploy" / "prometheus" / "ckptd-alerts.test.yml"
+DASHBOARD = REPO / "deploy" / "grafana" / "ckptd.json"
 RUNBOOKS = REPO / "deploy" / "README.md"
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
@@ -69,3 +71,28 @@ def test_promtool_unit_tests_of_the_rules(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
+
+
+def test_dashboard_is_grafana_json_templated_on_the_datasource() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] == "ckptd" and isinstance(dash["schemaVersion"], int)
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name in ("job", "instance", "work_dir"):
+        assert variables[name]["type"] == "query", name
+        assert variables[name]["datasource"]["uid"] == "${datasource}", name
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["description"] and panel["targets"], panel["title"]
+        assert {"h", "w", "x", "y"} <= set(panel["gridPos"]), panel["title"]
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, panel["title"]
+        for target in panel["targets"]:
+            assert target["expr"] and target["refId"], panel["title"]
+            if "work_dir" not in panel["title"].lower() and "job=~" in target["expr"]:
+                assert 'instance=~"$instance"' in target["expr"], panel["title"]
+    slims = [a for a in dash["annotations"]["list"] if "ckptd_slims_total" in a.get("expr", "")]
+    assert slims and slims[0]["datasource"]["uid"] == "${datasource}"
