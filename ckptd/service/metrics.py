@@ -62,6 +62,7 @@ class _WorkDirStats:
     errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ERROR_KINDS, 0))
     best: dict[str, float] = field(default_factory=dict)
     artifact_bytes: dict[str, int] = field(default_factory=dict)
+    artifact_failed: dict[str, bool] = field(default_factory=dict)  # metric -> its slim failed
     # artifact.publish; None until the work_dir's first publish, so others get no series
     publish_pending: bool | None = None
     uploads: int = 0
@@ -106,6 +107,11 @@ class _WorkDirCollector(Collector):
         artifact = gauge(
             "ckptd_artifact_bytes", "Size of the newest slim artifact.", [*wdp, "metric"]
         )
+        failed = gauge(
+            "ckptd_best_artifact_failed",
+            "1 while the last pass could not write the artifact of the metric's best.",
+            [*wdp, "metric"],
+        )
         last_ok = gauge(
             "ckptd_last_successful_reconcile_timestamp_seconds",
             "Unix time of the last successful reconcile pass.",
@@ -132,11 +138,13 @@ class _WorkDirCollector(Collector):
                 best.add_metric([*labels, key], value)
             for key, size in sorted(s.artifact_bytes.items()):
                 artifact.add_metric([*labels, key], size)
+            for key, bad in sorted(s.artifact_failed.items()):
+                failed.add_metric([*labels, key], int(bad))
             if s.last_ok is not None:
                 last_ok.add_metric(labels, s.last_ok)
             age.add_metric(labels, max(0.0, now - (s.last_ok or s.first_seen)))
         yield from (kept, held, reclaimed, slims, deletions, held_back, over_budget)
-        yield from (passes, errors, best, artifact, last_ok, age)
+        yield from (passes, errors, best, artifact, failed, last_ok, age)
         yield from _publish_families(rows, wdp)
         yield from self._owner._filesystem_families()
 
@@ -227,11 +235,13 @@ class DaemonMetrics:
         best: dict[str, float],
         deletions_held: int = 0,
         over_budget: bool = False,
+        artifact_failed: dict[str, bool] | None = None,
     ) -> None:
         """One finished pass. Gauges take the values given (the work_dir after the pass);
         counters add ``reclaimed_bytes``, ``deletions``, one per slim and one per error kind
         listed (a kind may repeat). ``best`` replaces the previous best values.
-        ``deletions_held``: deletions the pass held back; ``over_budget``: its plan's.
+        ``deletions_held``: deletions the pass held back; ``over_budget``: its plan's;
+        ``artifact_failed``: per metric, whether writing its best's artifact failed (replaces).
         Also reads the free space of the work_dir's filesystem (once per pass, from the
         worker thread that just scanned it: a hung mount never blocks a scrape)."""
         self._pass_seconds.observe(max(0.0, seconds))
@@ -260,6 +270,7 @@ class DaemonMetrics:
             for kind in errors:
                 row.errors[kind] = row.errors.get(kind, 0) + 1
             row.best = {key: float(value) for key, value in best.items()}
+            row.artifact_failed = dict(artifact_failed or {})
             self._mountpoints.update(mountpoints)
             if space is None:
                 self._space.pop(work_dir, None)
@@ -339,6 +350,7 @@ class DaemonMetrics:
                         errors=dict(s.errors),
                         best=dict(s.best),
                         artifact_bytes=dict(s.artifact_bytes),
+                        artifact_failed=dict(s.artifact_failed),
                         publish_pending=s.publish_pending,
                         uploads=s.uploads,
                         uploaded_bytes=s.uploaded_bytes,

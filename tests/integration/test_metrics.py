@@ -352,3 +352,13 @@ def test_ready_is_0_when_the_check_raises(metrics: DaemonMetrics) -> None:
 
     with metrics.start_server("127.0.0.1:0", broken) as srv:
         assert value(scrape(srv)[0], "ckptd_ready") == 0
+
+
+def test_best_artifact_failed_per_metric(metrics: DaemonMetrics, server: MetricsServer) -> None:
+    a_pass(metrics, ok=False, errors=["slim"], artifact_failed={"coco/bbox_mAP": True})
+    samples, types = scrape(server)
+    assert types["ckptd_best_artifact_failed"] == "gauge"
+    labels = {"work_dir": WD_A, "project": "detection", "metric": "coco/bbox_mAP"}
+    assert value(samples, "ckptd_best_artifact_failed", **labels) == 1
+    a_pass(metrics, artifact_failed={"coco/bbox_mAP": False})  # written at the retry
+    assert value(scrape(server)[0], "ckptd_best_artifact_failed", **labels) == 0
