@@ -27,6 +27,7 @@ from ckptd.core.watermark import (
     plan_watermark,
 )
 from ckptd.engine.outcome import ErrorKind, PassOptions, WorkDirReport
+from ckptd.fs.space import mountpoint_of
 
 # ckptd once: rounds of evictions at most (a round re-reads free space; one is the rule).
 MAX_ROUNDS = 4
@@ -38,13 +39,6 @@ class Filesystem:
     mountpoint: Path
     space: DiskSpace
     reports: tuple[WorkDirReport, ...]
-
-
-def mountpoint_of(path: Path) -> Path:
-    path = path.absolute()
-    while not os.path.ismount(path) and path != path.parent:
-        path = path.parent
-    return path
 
 
 def device_of(work_dir: Path) -> int | None:

@@ -288,4 +288,7 @@ def metrics_of(report: WorkDirReport) -> dict[str, object]:
         "deletions": len(gone),
         "errors": list(report.error_kinds),
         "best": {a.key: a.best.value for a in report.artifacts},
+        "deletions_held": len(report.plan.held) if report.plan else 0,
+        "over_budget": bool(report.plan and report.plan.over_budget),
+        "artifact_failed": {a.key: a.status is ArtifactStatus.FAILED for a in report.artifacts},
     }

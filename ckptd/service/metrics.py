@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from ckptd import __version__
 from ckptd.engine.outcome import ErrorKind
+from ckptd.fs.space import FilesystemSpace, space_of
 from ckptd.service.http import MetricsServer
 
 __all__ = [
@@ -55,10 +56,13 @@ class _WorkDirStats:
     reclaimed_bytes: int = 0
     slims: int = 0
     deletions: int = 0
+    deletions_held: int = 0  # by the last pass (errors hold every deletion back)
+    over_budget: bool = False  # protected checkpoints alone over retention.max_total_size
     passes: dict[str, int] = field(default_factory=lambda: {"ok": 0, "error": 0})
     errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ERROR_KINDS, 0))
     best: dict[str, float] = field(default_factory=dict)
     artifact_bytes: dict[str, int] = field(default_factory=dict)
+    artifact_failed: dict[str, bool] = field(default_factory=dict)  # metric -> its slim failed
     # artifact.publish; None until the work_dir's first publish, so others get no series
     publish_pending: bool | None = None
     uploads: int = 0
@@ -89,11 +93,24 @@ class _WorkDirCollector(Collector):
         reclaimed = counter("ckptd_reclaimed_bytes", "Bytes freed by deleting checkpoints.")
         slims = counter("ckptd_slims", "Slim best-model artifacts written.")
         deletions = counter("ckptd_deletions", "Checkpoints deleted.")
+        held_back = gauge(
+            "ckptd_deletions_held",
+            "Deletions the last pass held back because it found errors (0: none held).",
+        )
+        over_budget = gauge(
+            "ckptd_over_budget",
+            "1 while protected checkpoints alone exceed retention.max_total_size.",
+        )
         passes = counter("ckptd_reconcile_passes", "Reconcile passes by result.", [*wdp, "result"])
         errors = counter("ckptd_errors", "Errors by kind.", [*wdp, "kind"])
         best = gauge("ckptd_best_metric_value", "Best value of a metric.", [*wdp, "metric"])
         artifact = gauge(
             "ckptd_artifact_bytes", "Size of the newest slim artifact.", [*wdp, "metric"]
+        )
+        failed = gauge(
+            "ckptd_best_artifact_failed",
+            "1 while the last pass could not write the artifact of the metric's best.",
+            [*wdp, "metric"],
         )
         last_ok = gauge(
             "ckptd_last_successful_reconcile_timestamp_seconds",
@@ -111,6 +128,8 @@ class _WorkDirCollector(Collector):
             reclaimed.add_metric(labels, s.reclaimed_bytes)
             slims.add_metric(labels, s.slims)
             deletions.add_metric(labels, s.deletions)
+            held_back.add_metric(labels, s.deletions_held)
+            over_budget.add_metric(labels, int(s.over_budget))
             for result, n in sorted(s.passes.items()):
                 passes.add_metric([*labels, result], n)
             for kind, n in sorted(s.errors.items()):
@@ -119,12 +138,15 @@ class _WorkDirCollector(Collector):
                 best.add_metric([*labels, key], value)
             for key, size in sorted(s.artifact_bytes.items()):
                 artifact.add_metric([*labels, key], size)
+            for key, bad in sorted(s.artifact_failed.items()):
+                failed.add_metric([*labels, key], int(bad))
             if s.last_ok is not None:
                 last_ok.add_metric(labels, s.last_ok)
             age.add_metric(labels, max(0.0, now - (s.last_ok or s.first_seen)))
-        yield from (kept, held, reclaimed, slims, deletions, passes, errors, best, artifact)
-        yield from (last_ok, age)
+        yield from (kept, held, reclaimed, slims, deletions, held_back, over_budget)
+        yield from (passes, errors, best, artifact, failed, last_ok, age)
         yield from _publish_families(rows, wdp)
+        yield from self._owner._filesystem_families()
 
 
 def _publish_families(rows: list[tuple[str, _WorkDirStats]], wdp: list[str]) -> list[Metric]:
@@ -161,6 +183,14 @@ class DaemonMetrics:
         self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
         self._lock = threading.Lock()
         self._rows: dict[str, _WorkDirStats] = {}
+        self._mountpoints: dict[tuple[str, int], str] = {}  # (work_dir, st_dev) -> mountpoint
+        # work_dir -> (when, its filesystem), read after each pass (a stat and a statvfs)
+        self._space: dict[str, tuple[float, FilesystemSpace]] = {}
+        self._ready = Gauge(
+            "ckptd_ready",
+            "1 while /healthz answers 200: the first full pass is done and the loop runs.",
+            registry=self.registry,
+        )
         self._watched = Gauge(
             "ckptd_work_dirs_watched", "Work_dirs ckptd manages now.", registry=self.registry
         )
@@ -223,11 +253,21 @@ class DaemonMetrics:
         deletions: int,
         errors: list[str],
         best: dict[str, float],
+        deletions_held: int = 0,
+        over_budget: bool = False,
+        artifact_failed: dict[str, bool] | None = None,
     ) -> None:
         """One finished pass. Gauges take the values given (the work_dir after the pass);
         counters add ``reclaimed_bytes``, ``deletions``, one per slim and one per error kind
-        listed (a kind may repeat). ``best`` replaces the previous best values."""
+        listed (a kind may repeat). ``best`` replaces the previous best values.
+        ``deletions_held``: deletions the pass held back; ``over_budget``: its plan's;
+        ``artifact_failed``: per metric, whether writing its best's artifact failed (replaces).
+        Also reads the free space of the work_dir's filesystem (once per pass, from the
+        worker thread that just scanned it: a hung mount never blocks a scrape)."""
         self._pass_seconds.observe(max(0.0, seconds))
+        with self._lock:
+            mountpoints = {k: v for k, v in self._mountpoints.items() if k[0] == work_dir}
+        space = space_of(work_dir, mountpoints)
         for _key, slim_seconds, _size in slims:
             self._slim_seconds.observe(max(0.0, slim_seconds))
         now = time.time()
@@ -242,12 +282,20 @@ class DaemonMetrics:
             row.bytes_held = bytes_held
             row.reclaimed_bytes += max(0, reclaimed_bytes)
             row.deletions += max(0, deletions)
+            row.deletions_held = max(0, deletions_held)
+            row.over_budget = bool(over_budget)
             row.slims += len(slims)
             for key, _slim_seconds, size in slims:
                 row.artifact_bytes[key] = size
             for kind in errors:
                 row.errors[kind] = row.errors.get(kind, 0) + 1
             row.best = {key: float(value) for key, value in best.items()}
+            row.artifact_failed = dict(artifact_failed or {})
+            self._mountpoints.update(mountpoints)
+            if space is None:
+                self._space.pop(work_dir, None)
+            else:
+                self._space[work_dir] = (now, space)
 
     def record_publish(
         self,
@@ -284,10 +332,36 @@ class DaemonMetrics:
         """The work_dir is no longer watched: every series labelled with it disappears."""
         with self._lock:
             self._rows.pop(work_dir, None)
+            self._space.pop(work_dir, None)
+            for key in [k for k in self._mountpoints if k[0] == work_dir]:
+                del self._mountpoints[key]
             hooks = {labels for labels in self._hook_labels if labels[0] == work_dir}
             self._hook_labels -= hooks
         for labels in hooks:
             self._hook_failures.remove(*labels)
+
+    def _filesystem_families(self) -> list[Metric]:
+        """Free and total bytes of each filesystem holding a managed work_dir, one series per
+        device (its newest reading), as the last pass of each work_dir found them."""
+        free = GaugeMetricFamily(
+            "ckptd_filesystem_free_bytes",
+            "Bytes available to unprivileged writers on a filesystem holding managed work_dirs.",
+            labels=["mountpoint"],
+        )
+        size = GaugeMetricFamily(
+            "ckptd_filesystem_size_bytes",
+            "Size of a filesystem holding managed work_dirs.",
+            labels=["mountpoint"],
+        )
+        newest: dict[int, tuple[float, FilesystemSpace]] = {}
+        with self._lock:
+            for when, fs in self._space.values():
+                if fs.device not in newest or when > newest[fs.device][0]:
+                    newest[fs.device] = (when, fs)
+        for _when, fs in sorted(newest.values(), key=lambda item: item[1].mountpoint):
+            free.add_metric([fs.mountpoint], fs.free_bytes)
+            size.add_metric([fs.mountpoint], fs.size_bytes)
+        return [free, size]
 
     def _snapshot(self) -> list[tuple[str, _WorkDirStats]]:
         with self._lock:
@@ -303,10 +377,13 @@ class DaemonMetrics:
                         reclaimed_bytes=s.reclaimed_bytes,
                         slims=s.slims,
                         deletions=s.deletions,
+                        deletions_held=s.deletions_held,
+                        over_budget=s.over_budget,
                         passes=dict(s.passes),
                         errors=dict(s.errors),
                         best=dict(s.best),
                         artifact_bytes=dict(s.artifact_bytes),
+                        artifact_failed=dict(s.artifact_failed),
                         publish_pending=s.publish_pending,
                         uploads=s.uploads,
                         uploaded_bytes=s.uploaded_bytes,
@@ -323,5 +400,14 @@ class DaemonMetrics:
         """Listen on ``address`` ("127.0.0.1:9464", "[::1]:9464", ":9464" = every interface,
         IPv4 and IPv6 where possible; port 0 = any free port) and serve in a daemon thread
         until ``stop()``. ValueError for a malformed address, OSError if it cannot be bound.
-        ``health`` is called per /healthz request, from the server's threads."""
+        ``health`` is called per /healthz request, from the server's threads, and per scrape
+        for ``ckptd_ready``."""
+
+        def ready() -> float:
+            try:
+                return float(bool(health()[0]))
+            except Exception:
+                return 0.0
+
+        self._ready.set_function(ready)
         return MetricsServer(address, self.registry, health)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from ckptd import __version__
+from ckptd.fs.space import mountpoint_of
 from ckptd.service.http import MetricsServer, parse_address
 from ckptd.service.metrics import SLIM_BUCKETS, DaemonMetrics
 
@@ -298,3 +301,64 @@ def test_stop_frees_the_port(metrics: DaemonMetrics) -> None:
 
 def _dict(key: tuple[str, frozenset[tuple[str, str]]]) -> tuple[str, dict[str, str]]:
     return key[0], dict(key[1])
+
+
+def test_held_back_deletions_and_over_budget(metrics: DaemonMetrics, server: MetricsServer) -> None:
+    a_pass(metrics, ok=False, errors=["input"], deletions=0, deletions_held=4, over_budget=True)
+    a_pass(metrics, WD_B)
+    samples, types = scrape(server)
+    assert types["ckptd_deletions_held"] == types["ckptd_over_budget"] == "gauge"
+    assert value(samples, "ckptd_deletions_held", work_dir=WD_A, project="detection") == 4
+    assert value(samples, "ckptd_over_budget", work_dir=WD_A, project="detection") == 1
+    assert value(samples, "ckptd_deletions_held", work_dir=WD_B, project="detection") == 0
+    assert value(samples, "ckptd_over_budget", work_dir=WD_B, project="detection") == 0
+    a_pass(metrics)  # the next pass found nothing wrong
+    samples, _ = scrape(server)
+    assert value(samples, "ckptd_deletions_held", work_dir=WD_A, project="detection") == 0
+    assert value(samples, "ckptd_over_budget", work_dir=WD_A, project="detection") == 0
+
+
+def test_filesystems_of_managed_work_dirs(
+    metrics: DaemonMetrics, server: MetricsServer, tmp_path: Path
+) -> None:
+    for name in ("a", "b"):  # two work_dirs on one filesystem: one series per filesystem
+        (tmp_path / name).mkdir()
+        a_pass(metrics, str(tmp_path / name))
+    a_pass(metrics, "/no/such/work_dir")  # cannot be stat'ed: left out
+    samples, types = scrape(server)
+    assert types["ckptd_filesystem_free_bytes"] == "gauge"
+    mountpoint = str(mountpoint_of(tmp_path))
+    assert series(samples, "ckptd_filesystem_free_bytes") == [{"mountpoint": mountpoint}]
+    assert series(samples, "ckptd_filesystem_size_bytes") == [{"mountpoint": mountpoint}]
+    st = os.statvfs(tmp_path)
+    size = value(samples, "ckptd_filesystem_size_bytes", mountpoint=mountpoint)
+    free = value(samples, "ckptd_filesystem_free_bytes", mountpoint=mountpoint)
+    assert size == st.f_blocks * st.f_frsize
+    assert 0 < free <= size and abs(free - st.f_bavail * st.f_frsize) < 64 * 2**20
+    metrics.forget(str(tmp_path / "a"))
+    metrics.forget(str(tmp_path / "b"))
+    assert series(scrape(server)[0], "ckptd_filesystem_free_bytes") == []
+
+
+def test_ready_follows_healthz(server: MetricsServer, healthy: list[tuple[bool, str]]) -> None:
+    assert value(scrape(server)[0], "ckptd_ready") == 1
+    healthy[0] = (False, "starting: first reconcile in progress")
+    assert value(scrape(server)[0], "ckptd_ready") == 0
+
+
+def test_ready_is_0_when_the_check_raises(metrics: DaemonMetrics) -> None:
+    def broken() -> tuple[bool, str]:
+        raise RuntimeError("boom")
+
+    with metrics.start_server("127.0.0.1:0", broken) as srv:
+        assert value(scrape(srv)[0], "ckptd_ready") == 0
+
+
+def test_best_artifact_failed_per_metric(metrics: DaemonMetrics, server: MetricsServer) -> None:
+    a_pass(metrics, ok=False, errors=["slim"], artifact_failed={"coco/bbox_mAP": True})
+    samples, types = scrape(server)
+    assert types["ckptd_best_artifact_failed"] == "gauge"
+    labels = {"work_dir": WD_A, "project": "detection", "metric": "coco/bbox_mAP"}
+    assert value(samples, "ckptd_best_artifact_failed", **labels) == 1
+    a_pass(metrics, artifact_failed={"coco/bbox_mAP": False})  # written at the retry
+    assert value(scrape(server)[0], "ckptd_best_artifact_failed", **labels) == 0

@@ -15,7 +15,7 @@ from ckptd.core.config import DiskConfig, load_config
 from ckptd.core.model import FileStat
 from ckptd.engine.reconcile import PassOptions, reconcile
 from ckptd.engine.targets import discover
-from ckptd.engine.watermark import mountpoint_of
+from ckptd.fs.space import mountpoint_of
 from ckptd.service.diskwatch import DiskWatch
 from ckptd.service.metrics import DaemonMetrics
 from tests.helpers import simulate, write_config
