@@ -345,6 +345,8 @@ class Copy:
     size: int
     crc32: int
     name: str
+    # False for part of a record (a tensor view at an offset): no CRC vouches for those bytes.
+    checked: bool = True
 
 
 def layout_archive(

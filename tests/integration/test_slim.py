@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.serialization import config as torch_config
 
-import ckptd.slim.slimmer as slim_module
+import ckptd.slim.source as source_module
 from ckptd.fs.durable import TEMP_PREFIX
 from ckptd.slim.errors import (
     ArtifactWriteError,
@@ -601,7 +601,7 @@ def test_a_cancel_token_stops_the_slim_and_leaves_nothing(ckpt: Path, dest: Path
 
 
 def test_absurd_pickle_is_refused(ckpt: Path, dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(slim_module, "MAX_PICKLE_BYTES", 100)
+    monkeypatch.setattr(source_module, "MAX_PICKLE_BYTES", 100)
     with pytest.raises(CorruptCheckpointError, match="refuses"):
         slim_checkpoint(ckpt, dest, "best.pth")
 
