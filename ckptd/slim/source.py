@@ -29,6 +29,7 @@ from ckptd.slim.errors import (
     SlimError,
     UnsupportedFormatError,
 )
+from ckptd.slim.legacy import LegacyArchive, is_legacy
 from ckptd.slim.safepickle import (
     MAX_PICKLE_BYTES,
     Inert,
@@ -59,8 +60,13 @@ class CheckpointSource:
             self.stat = FileStat.of(os.fstat(self.fd))
             self.check_unchanged()
             try:
-                self.archive = SourceArchive(path, self.fd, self.stat.size)
-                self.root: Any = _load_data_pkl(self.archive)
+                self.archive: SourceArchive | LegacyArchive
+                if is_legacy(self.fd):  # read like a zip: see ckptd/slim/legacy.py
+                    self.archive = LegacyArchive(path, self.fd, self.stat.size)
+                    self.root: Any = self.archive.root
+                else:
+                    self.archive = SourceArchive(path, self.fd, self.stat.size)
+                    self.root = _load_data_pkl(self.archive)
                 mapping = top_level(self.root)
             except CorruptCheckpointError:
                 self.check_unchanged()  # a rewrite in progress is not corruption

@@ -485,13 +485,8 @@ def test_missing_key(ckpt: Path, dest: Path) -> None:
     assert listing(dest) == []
 
 
-def test_legacy_and_torchscript_formats(tmp_path: Path, dest: Path) -> None:
-    legacy = tmp_path / "legacy.pth"
-    torch.save({"meta": {}, "state_dict": {}}, legacy, _use_new_zipfile_serialization=False)
-    assert looks_complete(legacy) is None
-    with pytest.raises(UnsupportedFormatError, match=r"legacy.*Re-save") as caught:
-        slim_checkpoint(legacy, dest, "best.pth")
-    assert str(legacy) in str(caught.value)
+def test_torchscript_format(tmp_path: Path, dest: Path) -> None:
+    # the legacy format is read: tests/integration/test_legacy.py
     script = tmp_path / "script.pt"
     torch.jit.save(torch.jit.script(nn.Linear(2, 2)), script)
     with pytest.raises(UnsupportedFormatError, match="TorchScript"):
