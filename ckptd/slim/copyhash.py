@@ -42,7 +42,7 @@ class Gather(Protocol):
 
     size: int
 
-    def chunks(self, src_fd: int) -> Iterator[bytes]: ...
+    def chunks(self, src_fd: int) -> Iterator[bytes | bytearray]: ...
 
 
 class CrcMismatch(Exception):
