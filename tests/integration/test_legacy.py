@@ -122,3 +122,30 @@ def test_once_slims_a_legacy_best(tmp_path: Path) -> None:
     source = torch.load(work_dir / entry["source_checkpoint"], weights_only=False)
     got = load_file(work_dir / "best" / entry["file"])
     assert_equal_tensors(got, flatten(source["state_dict"]))
+
+
+def test_trainer_facts_read_from_legacy_files(tmp_path: Path) -> None:
+    """What layouts read from a checkpoint (peek) is the same for both formats."""
+    from ckptd.core.model import FileStat
+    from ckptd.layouts.lightning_ckpt import read_facts
+    from ckptd.layouts.mmengine_hub import read_hub
+
+    work_dir = simulate(tmp_path / "run", epochs=2)
+    name = checkpoints(work_dir)[-1]
+    zip_hub = read_hub(work_dir, name)
+    save_legacy(torch.load(work_dir / name, weights_only=False), work_dir / name)
+    assert zip_hub is not None and read_hub(work_dir, name) == zip_hub
+    ckpt = {
+        "epoch": 4,
+        "global_step": 50,
+        "state_dict": {"w": torch.ones(2)},
+        "callbacks": {"ModelCheckpoint{'monitor': 'val_acc'}": {
+            "best_model_score": torch.tensor(0.75), "best_model_path": "x.ckpt",
+            "monitor": "val_acc", "mode": "max"}},
+    }  # fmt: skip
+    facts = []
+    for i, save in enumerate((torch.save, save_legacy)):
+        path = tmp_path / f"{i}.ckpt"
+        save(ckpt, path)
+        facts.append(read_facts(path, FileStat.of(os.stat(path))))
+    assert facts[0] is not None and facts[0] == facts[1]
