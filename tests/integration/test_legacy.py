@@ -149,3 +149,33 @@ def test_trainer_facts_read_from_legacy_files(tmp_path: Path) -> None:
         save(ckpt, path)
         facts.append(read_facts(path, FileStat.of(os.stat(path))))
     assert facts[0] is not None and facts[0] == facts[1]
+
+
+def test_damaged_legacy_files_fail_cleanly(tmp_path: Path) -> None:
+    """Random byte changes anywhere: a SlimError naming the file or an artifact, never else."""
+    import random
+
+    from ckptd.slim.errors import SlimError
+
+    src = save_legacy(
+        {"meta": {"epoch": 1}, "state_dict": {"w": torch.ones(3, 2).t()}, "opt": {"m": [1]}},
+        tmp_path / "l.pth",
+    )
+    data, rng = src.read_bytes(), random.Random(0)
+    damaged, written = tmp_path / "m.pth", 0
+    (tmp_path / "out").mkdir()
+    for _ in range(200):
+        b = bytearray(data)
+        for _ in range(rng.choice([1, 2, 4])):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        damaged.write_bytes(bytes(b))
+        looks_complete(damaged)
+        for write in (slim_checkpoint, write_safetensors):
+            try:
+                write(damaged, tmp_path / "out", "o", keep_keys=("meta", "state_dict"))
+            except SlimError as exc:
+                assert str(damaged) in str(exc)
+            else:
+                (tmp_path / "out" / "o").unlink()
+                written += 1
+    assert written  # changes to bytes of tensors or strings still give an artifact
