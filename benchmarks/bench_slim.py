@@ -134,8 +134,18 @@ def bench_case(
     warm(src)
     warm(cp_src)
     publish_out, cp_out = out_dir / "publish.pth", out_dir / "cp.bin"
+    st_out = out_dir / "ckptd.safetensors"
     ways = {
         "ckptd slim": [*ckptd_cmd(), "slim", str(src), "-o", str(ckptd_out)],
+        "ckptd slim --format safetensors": [
+            *ckptd_cmd(),
+            "slim",
+            str(src),
+            "--format",
+            "safetensors",
+            "-o",
+            str(st_out),
+        ],
         "publish_model way": [PYTHON, str(BENCH / "publish_way.py"), str(src), str(publish_out)],
         "cp": ["cp", str(cp_src), str(cp_out)],
         "cp + fsync": ["sh", "-c", f"cp '{cp_src}' '{cp_out}' && sync '{cp_out}'"],
@@ -156,13 +166,13 @@ def bench_case(
     for round_ in range(runs):
         print(f"  round {round_ + 1}/{runs}", flush=True)
         for way in order[round_ % len(order) :] + order[: round_ % len(order)]:
-            for stale in (ckptd_out, publish_out, cp_out):
+            for stale in (ckptd_out, st_out, publish_out, cp_out):
                 stale.unlink(missing_ok=True)
             os.sync()
             # cwd: a neutral folder, so `python -m ckptd` imports the package PYTHONPATH names
             done = run(ways[way], env=envs.get(way), cwd=root)
             result.runs.setdefault(way, []).append(done.check())
-    for stale in (ckptd_out, publish_out, cp_out):
+    for stale in (ckptd_out, st_out, publish_out, cp_out):
         stale.unlink(missing_ok=True)
     if phases:
         done = run([PYTHON, str(BENCH / "slim_phases.py"), str(src), str(out_dir)]).check()
@@ -234,9 +244,12 @@ def main() -> int:
         help="also time `python -m ckptd slim` from this folder (a copy of an older ckptd/)",
     )
     parser.add_argument("--no-phases", action="store_true", help="skip the phase breakdown")
+    parser.add_argument("--case", choices=sorted(CASES), action="append", help="only these")
     args = parser.parse_args()
     runs = args.runs or (1 if args.quick else 5)
-    if args.quick:
+    if args.case:
+        keys = args.case
+    elif args.quick:
         keys = ["tiny"]
     elif args.only_large:
         keys = ["adamw-305M"]

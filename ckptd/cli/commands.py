@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     slim.add_argument(
         "--hash-in-name", action="store_true", help="append -<sha256[:8]> like publish_model.py"
     )
+    slim.add_argument(
+        "--format",
+        choices=("torch", "safetensors"),
+        default="torch",
+        help="torch: a torch zip that torch.load(weights_only=True) reads (default); "
+        "safetensors: a .safetensors file (state_dict tensors, the other keys as metadata)",
+    )
     return parser
 
 
@@ -212,9 +219,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _print_pass(args, dry_run=True, summary=False, charts=True)
 
 
-def _slim_destination(args: argparse.Namespace) -> tuple[Path, str]:
+def _slim_destination(args: argparse.Namespace, suffix: str) -> tuple[Path, str]:
     source: Path = args.checkpoint
-    default_name = f"{source.stem}_slim.pth"
+    default_name = f"{source.stem}_slim{suffix}"
     out: Path | None = args.output
     if out is None:
         return source.parent, default_name
@@ -227,15 +234,21 @@ def cmd_slim(args: argparse.Namespace) -> int:
     from ckptd.core.units import format_size
     from ckptd.present.progress import byte_progress
     from ckptd.slim.errors import SlimError
+    from ckptd.slim.safetensors_writer import write_safetensors
     from ckptd.slim.slimmer import slim_checkpoint
 
+    write, suffix = (
+        (write_safetensors, ".safetensors")
+        if args.format == "safetensors"
+        else (slim_checkpoint, ".pth")
+    )
     keep = tuple(k.strip() for k in args.keep_keys.split(",") if k.strip())
     if not keep:
         print("ckptd slim: --keep-keys needs at least one key", file=sys.stderr)
         return EXIT_USAGE
-    folder, name = _slim_destination(args)
-    stem = name.removesuffix(".pth")
-    final = (lambda sha: f"{stem}-{sha[:8]}.pth") if args.hash_in_name else name
+    folder, name = _slim_destination(args, suffix)
+    stem = name.removesuffix(suffix)
+    final = (lambda sha: f"{stem}-{sha[:8]}{suffix}") if args.hash_in_name else name
     try:
         size = args.checkpoint.stat().st_size
     except OSError as exc:
@@ -243,9 +256,7 @@ def cmd_slim(args: argparse.Namespace) -> int:
         return EXIT_ERRORS
     try:
         with byte_progress(size, f"slim {args.checkpoint.name}") as progress:
-            result = slim_checkpoint(
-                args.checkpoint, folder, final, keep_keys=keep, progress=progress
-            )
+            result = write(args.checkpoint, folder, final, keep_keys=keep, progress=progress)
     except SlimError as exc:
         print(f"ckptd slim: {exc}", file=sys.stderr)
         return EXIT_ERRORS

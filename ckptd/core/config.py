@@ -229,6 +229,9 @@ class ArtifactConfig(_Strict):
     dir: str = "{work_dir}/best"
     keep_keys: Literal["auto"] | list[str] = "auto"
     hash_in_name: bool = False
+    # torch: the layout's own format (a torch zip .pth/.ckpt, or the Hugging Face folder);
+    # safetensors: a .safetensors file (docs/layouts.md, "Artifact formats")
+    format: Literal["torch", "safetensors"] = "torch"
     publish: PublishConfig | None = None
 
     @field_validator("dir")

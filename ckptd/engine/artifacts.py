@@ -38,6 +38,8 @@ class ArtifactEntry:
     source_stat: tuple[int, int, int]
     kept_keys: tuple[str, ...]
     time: str
+    # artifact.format when it was written; manifests from before the field read as torch
+    format: str = "torch"
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -88,15 +90,20 @@ def now_iso() -> str:
 
 
 def is_current(
-    entry: ArtifactEntry | None, best: Best, checkpoint: Checkpoint | None, folder: Path
+    entry: ArtifactEntry | None,
+    best: Best,
+    checkpoint: Checkpoint | None,
+    folder: Path,
+    fmt: str = "torch",
 ) -> bool:
-    """Does the artifact on disk already hold this best?
+    """Does the artifact on disk already hold this best, in ``artifact.format`` ``fmt``?
 
-    It must describe the same evaluation (index and value), its file must be there with the
+    It must be in that format (changing it rewrites the artifact), describe the same
+    evaluation (index and value), its file must be there with the
     recorded size, and the source checkpoint must not have changed since it was slimmed (a
     resumed run can rewrite an epoch with other weights). A source that is gone cannot change.
     """
-    if entry is None or entry.index != best.index:
+    if entry is None or entry.index != best.index or entry.format != fmt:
         return False
     if not math.isclose(entry.value, best.value, rel_tol=0, abs_tol=0):
         return False

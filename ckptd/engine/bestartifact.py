@@ -36,8 +36,12 @@ log = logging.getLogger("ckptd.artifact")
 
 
 def keep_keys_for(target: Target, layout: Layout) -> tuple[str, ...]:
-    keys = target.project.artifact.keep_keys
-    return layout.default_keep_keys if keys == "auto" else tuple(keys)
+    artifact = target.project.artifact
+    return (
+        layout.auto_keep_keys(artifact.format)
+        if artifact.keep_keys == "auto"
+        else tuple(artifact.keep_keys)
+    )
 
 
 def _final_name(
@@ -49,7 +53,7 @@ def _final_name(
         claim(name)
         return name
     # best_..._epoch_N.pth -> best_..._epoch_N-<sha8>.pth; folder artifacts have no suffix
-    suffix = next((s for s in (".pth", ".ckpt") if name.endswith(s)), "")
+    suffix = next((s for s in (".pth", ".ckpt", ".safetensors") if name.endswith(s)), "")
     stem = name.removesuffix(suffix) if suffix else name
 
     def hashed(sha256: str) -> str:
@@ -83,11 +87,13 @@ def make_artifact(
             }
         },
     )
-    result = layout.artifact_writer.write(
+    fmt = target.project.artifact.format
+    writer = layout.artifact_output(fmt)[0]
+    result = writer.write(
         ArtifactRequest(
             source=target.work_dir / checkpoint.name,
             dest_dir=target.artifact_dir,
-            name=_final_name(target, layout.artifact_name(best.key, checkpoint), claim),
+            name=_final_name(target, layout.artifact_name(best.key, checkpoint, fmt), claim),
             keep=keep_keys_for(target, layout),
             progress=options.progress,
             cancel=options.cancel,
@@ -109,6 +115,7 @@ def make_artifact(
         source_stat=tuple(result.source_stat.as_list()),  # type: ignore[arg-type]
         kept_keys=tuple(result.kept_keys),
         time=artifacts.now_iso(),
+        format=fmt,
     )
     return entry, result.seconds
 
@@ -119,11 +126,12 @@ def _shown_path(
     best: Best,
     checkpoint: Checkpoint | None,
     entry: ArtifactEntry | None,
+    fmt: str,
 ) -> Path:
-    if entry is not None and entry.index == best.index:
+    if entry is not None and entry.index == best.index and entry.format == fmt:
         return folder / entry.file
     if checkpoint is not None:
-        return folder / layout.artifact_name(best.key, checkpoint)
+        return folder / layout.artifact_name(best.key, checkpoint, fmt)
     return folder / (entry.file if entry else "(none)")
 
 
@@ -145,7 +153,7 @@ def ensure_artifacts(
     for key, best in observation.bests.items():
         checkpoint = observation.scan.checkpoint_at(best.index)
         entry = entries.get(key)
-        path = _shown_path(folder, layout, best, checkpoint, entry)
+        path = _shown_path(folder, layout, best, checkpoint, entry, target.project.artifact.format)
         if key in observation.ready:
             report.artifacts.append(
                 ArtifactOutcome(key, best, path, ArtifactStatus.UNCHANGED, entry=entry)

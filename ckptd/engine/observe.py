@@ -264,7 +264,13 @@ def observe(
     ready = {
         key
         for key, best in bests.items()
-        if is_current(manifest.get(key), best, scan.checkpoint_at(best.index), artifact_dir)
+        if is_current(
+            manifest.get(key),
+            best,
+            scan.checkpoint_at(best.index),
+            artifact_dir,
+            project.artifact.format,
+        )
     }
     return Observation(
         scan=scan,

@@ -27,6 +27,8 @@ from ckptd.core.model import (
 )
 from ckptd.layouts.logtail import Cursor, read_new_lines
 from ckptd.slim.artifact import ArtifactWriter
+from ckptd.slim.safetensors_writer import SUFFIX as SAFETENSORS_SUFFIX
+from ckptd.slim.safetensors_writer import SafetensorsWriter
 from ckptd.slim.slimmer import TorchZipSlim
 
 if TYPE_CHECKING:
@@ -154,12 +156,22 @@ class Layout(ABC):
     ) -> EvalRead:
         """Evaluation records, reading only what was appended since ``previous``."""
 
-    def artifact_name(self, key: str, checkpoint: Checkpoint) -> str:
+    def artifact_output(self, fmt: str = "torch") -> tuple[ArtifactWriter, str]:
+        """The writer and name suffix of the best artifact in ``artifact.format`` ``fmt``:
+        the layout's own for torch, a ``.safetensors`` file cut from the torch zip otherwise."""
+        if fmt == "safetensors":
+            return SafetensorsWriter(), SAFETENSORS_SUFFIX
+        return self.artifact_writer, self.artifact_suffix
+
+    def auto_keep_keys(self, fmt: str = "torch") -> tuple[str, ...]:
+        """What ``artifact.keep_keys: auto`` keeps in format ``fmt``."""
+        return self.default_keep_keys
+
+    def artifact_name(self, key: str, checkpoint: Checkpoint, fmt: str = "torch") -> str:
         """The best artifact's name for metric ``key``: MMEngine's ``CheckpointHook`` naming,
-        ``best_{key}_{unit}_{index}`` with '/' replaced by '_', plus ``artifact_suffix``."""
-        return f"best_{key}_{checkpoint.unit}_{checkpoint.index}{self.artifact_suffix}".replace(
-            "/", "_"
-        )
+        ``best_{key}_{unit}_{index}`` with '/' replaced by '_', plus the format's suffix."""
+        suffix = self.artifact_output(fmt)[1]
+        return f"best_{key}_{checkpoint.unit}_{checkpoint.index}{suffix}".replace("/", "_")
 
     def as_evaluated(self, records: list[EvalRecord]) -> list[EvalRecord]:
         """Undo what the trainer's logger did to metric values (none by default)."""

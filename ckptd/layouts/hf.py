@@ -155,6 +155,17 @@ class HFLayout(Layout):
     artifact_writer: ClassVar[ArtifactWriter] = FolderCopy()
     artifact_suffix: ClassVar[str] = ""
 
+    def artifact_output(self, fmt: str = "torch") -> tuple[ArtifactWriter, str]:
+        # The folder artifact whatever the format: the Trainer writes safetensors itself.
+        return self.artifact_writer, self.artifact_suffix
+
+    def auto_keep_keys(self, fmt: str = "torch") -> tuple[str, ...]:
+        """safetensors: only the safetensors weights (a folder with only pytorch_model*.bin
+        fails: it has no weights to keep); torch: whichever weights the Trainer wrote."""
+        if fmt != "safetensors":
+            return self.default_keep_keys
+        return tuple(k for k in self.default_keep_keys if ".bin" not in k)
+
     def __init__(self) -> None:
         self._source: SourceState | None = None  # the trainer_state.json metrics came from
         self._source_folder: Path | None = None

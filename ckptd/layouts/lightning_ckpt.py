@@ -22,6 +22,7 @@ from typing import Any
 from ckptd.core.model import FileStat
 from ckptd.layouts.peek import open_inert, top_mapping
 from ckptd.slim.errors import SlimError
+from ckptd.slim.legacy import LegacyArchive
 from ckptd.slim.safepickle import Inert, InertGlobal, PickleRejected, StorageRef
 from ckptd.slim.torchzip import SourceArchive
 
@@ -64,7 +65,7 @@ def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def scalar_value(obj: Any, archive: SourceArchive) -> float | None:
+def scalar_value(obj: Any, archive: SourceArchive | LegacyArchive) -> float | None:
     """The value of a one-element CPU tensor pickled by ``torch.save``, or None.
 
     Only ``torch._utils._rebuild_tensor_v2(storage, offset, size, ...)`` of a float storage is
@@ -95,7 +96,9 @@ def scalar_value(obj: Any, archive: SourceArchive) -> float | None:
     return float(struct.unpack_from(fmt, data, width * offset)[0])
 
 
-def _callbacks(top: dict[Any, Any], archive: SourceArchive) -> tuple[CallbackFacts, ...]:
+def _callbacks(
+    top: dict[Any, Any], archive: SourceArchive | LegacyArchive
+) -> tuple[CallbackFacts, ...]:
     callbacks = top.get("callbacks")
     if not isinstance(callbacks, dict):
         return ()
@@ -125,7 +128,7 @@ def _callbacks(top: dict[Any, Any], archive: SourceArchive) -> tuple[CallbackFac
     return tuple(found)
 
 
-def _extract(root: Any, archive: SourceArchive) -> CkptFacts:
+def _extract(root: Any, archive: SourceArchive | LegacyArchive) -> CkptFacts:
     top = top_mapping(root)
     return CkptFacts(
         global_step=_int_or_none(top.get("global_step")),

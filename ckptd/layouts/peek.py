@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from ckptd.core.model import FileStat
 from ckptd.slim.errors import SlimError
+from ckptd.slim.legacy import LegacyArchive, is_legacy
 from ckptd.slim.safepickle import (
     MAX_PICKLE_BYTES,
     Inert,
@@ -52,12 +53,12 @@ def _load(archive: SourceArchive, max_pickle: int, stream: bool) -> Any:
 
 def open_inert(
     path: Path,
-    extract: Callable[[Any, SourceArchive], T],
+    extract: Callable[[Any, SourceArchive | LegacyArchive], T],
     *,
     max_pickle: int = MAX_PICKLE_BYTES,
     stream: bool = False,
 ) -> T:
-    """``extract(inert data.pkl tree, archive)`` of a torch zip file, with the archive still
+    """``extract(inert data.pkl tree, archive)`` of a torch file (zip or legacy), the archive still
     open so that small records (e.g. a scalar tensor's bytes) can be read too.
 
     ``stream``: leave long str/bytes payloads in the file (``Blob`` nodes), so that a pickle
@@ -67,7 +68,11 @@ def open_inert(
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
-        archive = SourceArchive(path, fd, os.fstat(fd).st_size)
+        size = os.fstat(fd).st_size
+        if is_legacy(fd):  # read like a zip (always streamed: its pickles have no length)
+            legacy = LegacyArchive(path, fd, size, with_crcs=False, max_pickle=max_pickle)
+            return extract(legacy.root, legacy)
+        archive = SourceArchive(path, fd, size)
         return extract(_load(archive, max_pickle, stream), archive)
     finally:
         os.close(fd)

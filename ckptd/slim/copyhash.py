@@ -21,7 +21,8 @@ import os
 import sys
 import threading
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 from ckptd.core.cancel import CancelToken, check
 from ckptd.slim.torchzip import Copy
@@ -34,6 +35,14 @@ _BUFFERS = 4  # read-back buffers in flight between the sha256 and the CRC threa
 _FALLBACK_ERRNOS = frozenset(
     {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM}
 )
+
+
+class Gather(Protocol):
+    """Output bytes made in this process (e.g. a strided tensor's elements), in bounded chunks."""
+
+    size: int
+
+    def chunks(self, src_fd: int) -> Iterator[bytes | bytearray]: ...
 
 
 class CrcMismatch(Exception):
@@ -140,7 +149,9 @@ class ReadBackVerifier:
 
     def __init__(self, path: str | os.PathLike[str], checks: Sequence[Copy]) -> None:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self._checks = sorted((c for c in checks if c.size), key=lambda c: c.dest_offset)
+        self._checks = sorted(
+            (c for c in checks if c.size and c.checked), key=lambda c: c.dest_offset
+        )
         self._cond = threading.Condition()
         self._written = 0
         self._total = -1
@@ -267,13 +278,14 @@ def write_archive(
     src_fd: int,
     fd: int,
     temp: str | os.PathLike[str],
-    pieces: Sequence[bytes | Copy],
+    pieces: Sequence[bytes | Copy | Gather],
     total: int,
     progress: Callable[[int, int], None] | None,
     cancel: CancelToken | None = None,
 ) -> str:
     """Write ``pieces`` (from ``layout_archive``) to ``fd`` (the file ``temp``), copying spans
-    of ``src_fd``; return the output's sha256 once every copied span's CRC is verified."""
+    of ``src_fd`` and writing what ``Gather`` pieces make; return the output's sha256 once every
+    checked copy's CRC is verified."""
     verifier = ReadBackVerifier(temp, [p for p in pieces if isinstance(p, Copy)])
     writeback = _Writeback(fd)
     if hasattr(os, "posix_fadvise"):  # read-ahead for a cold source (a no-op when cached)
@@ -298,7 +310,16 @@ def write_archive(
                 if progress is not None:
                     progress(start + done, total)
 
-            copy_range(src_fd, piece.source_offset, fd, pos, piece.size, on_chunk)
+            if isinstance(piece, Copy):
+                copy_range(src_fd, piece.source_offset, fd, pos, piece.size, on_chunk)
+            else:
+                done = 0
+                for chunk in piece.chunks(src_fd):
+                    write_at(fd, chunk, pos + done)
+                    done += len(chunk)
+                    on_chunk(done)
+                if done != piece.size:
+                    raise AssertionError(f"gathered {done} bytes of {piece.size}")
             pos += piece.size
         write_at(fd, pending, pos)
         pos += len(pending)

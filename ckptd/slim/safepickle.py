@@ -258,6 +258,7 @@ class Compacted:
     uses_ext: bool
     token: str
     blobs: tuple[tuple[str, int, int], ...]  # (kind, offset, size) per blob number
+    end: int = 0  # where the pickle ended (after STOP), for pickles that follow one another
 
 
 _FRAME = 0x95
@@ -313,13 +314,17 @@ class _Stream:
         return self.crc
 
 
-def compact_pickle(read: Callable[[int, int], bytes], size: int, max_out: int) -> Compacted:
+def compact_pickle(
+    read: Callable[[int, int], bytes], size: int, max_out: int, *, drain: bool = True
+) -> Compacted:
     """Stream a pickle record of ``size`` bytes (``read(offset, n)``) through ``scan_pickle``'s
     checks, replacing str/bytes payloads of ``BLOB_MIN`` bytes or more by persistent ids.
 
     Memory stays around ``_STREAM_CHUNK`` plus the compacted output, which may not exceed
     ``max_out`` bytes (``PickleTooLarge``). Memo indices are checked against offsets in the
-    compacted output, which is what the C unpickler sizes its memo by.
+    compacted output, which is what the C unpickler sizes its memo by. ``drain=False`` stops
+    at STOP (the legacy torch format puts pickles and raw storages one after another): the CRC
+    is then of the bytes read so far, and ``end`` says where the next thing starts.
     """
     stream = _Stream(read, size)
     token = f"ckptd-blob-{secrets.token_hex(8)}:"
@@ -406,7 +411,8 @@ def compact_pickle(read: Callable[[int, int], bytes], size: int, max_out: int) -
             pos += _EXT_WIDTH[k]
         else:
             raise PickleRejected(f"unknown opcode {code:#04x} at offset {at}")
-    return Compacted(bytes(out), stream.drain(), uses_ext, token, tuple(blobs))
+    crc = stream.drain() if drain else stream.crc
+    return Compacted(bytes(out), crc, uses_ext, token, tuple(blobs), pos)
 
 
 class _InertLoading:

@@ -151,10 +151,11 @@ def looks_complete(path: str | os.PathLike[str]) -> bool | None:
     """Cheap completeness check for a scan: are the zip end records consistent with the size?
 
     Returns True for a complete torch zip checkpoint, False while it is being written, truncated,
-    rewritten in place, empty or not a checkpoint at all, and None for a legacy-format
-    (non-zip) torch file, whose completeness cannot be told without unpickling it. Reads the
-    first 32 bytes, at most 128 bytes of tail (plus the zip64 record if it lies further back)
-    and 4 bytes at the central directory. A missing file gives False; other OS errors propagate.
+    rewritten in place, empty or not a checkpoint at all. Reads the first 32 bytes, at most 128
+    bytes of tail (plus the zip64 record if it lies further back) and 4 bytes at the central
+    directory. A legacy-format (non-zip) file is parsed instead (``legacy.legacy_complete``:
+    its pickles and the sizes of its storages must add up to the file). A missing file gives
+    False; other OS errors propagate.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -164,7 +165,11 @@ def looks_complete(path: str | os.PathLike[str]) -> bool | None:
         size = os.fstat(fd).st_size
         head = os.pread(fd, 32, 0)
         if not head.startswith(_LOCAL_SIG):
-            return None if is_legacy_header(head) else False
+            if not is_legacy_header(head):
+                return False
+            from ckptd.slim.legacy import legacy_complete  # it builds on this module
+
+            return legacy_complete(Path(path), fd, size)
         end = _read_end(fd, size)
         if isinstance(end, str):
             return False
@@ -345,6 +350,8 @@ class Copy:
     size: int
     crc32: int
     name: str
+    # False for part of a record (a tensor view at an offset): no CRC vouches for those bytes.
+    checked: bool = True
 
 
 def layout_archive(

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.serialization import config as torch_config
 
-import ckptd.slim.slimmer as slim_module
+import ckptd.slim.source as source_module
 from ckptd.fs.durable import TEMP_PREFIX
 from ckptd.slim.errors import (
     ArtifactWriteError,
@@ -485,13 +485,8 @@ def test_missing_key(ckpt: Path, dest: Path) -> None:
     assert listing(dest) == []
 
 
-def test_legacy_and_torchscript_formats(tmp_path: Path, dest: Path) -> None:
-    legacy = tmp_path / "legacy.pth"
-    torch.save({"meta": {}, "state_dict": {}}, legacy, _use_new_zipfile_serialization=False)
-    assert looks_complete(legacy) is None
-    with pytest.raises(UnsupportedFormatError, match=r"legacy.*Re-save") as caught:
-        slim_checkpoint(legacy, dest, "best.pth")
-    assert str(legacy) in str(caught.value)
+def test_torchscript_format(tmp_path: Path, dest: Path) -> None:
+    # the legacy format is read: tests/integration/test_legacy.py
     script = tmp_path / "script.pt"
     torch.jit.save(torch.jit.script(nn.Linear(2, 2)), script)
     with pytest.raises(UnsupportedFormatError, match="TorchScript"):
@@ -601,7 +596,7 @@ def test_a_cancel_token_stops_the_slim_and_leaves_nothing(ckpt: Path, dest: Path
 
 
 def test_absurd_pickle_is_refused(ckpt: Path, dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(slim_module, "MAX_PICKLE_BYTES", 100)
+    monkeypatch.setattr(source_module, "MAX_PICKLE_BYTES", 100)
     with pytest.raises(CorruptCheckpointError, match="refuses"):
         slim_checkpoint(ckpt, dest, "best.pth")
 
