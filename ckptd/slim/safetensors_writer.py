@@ -23,23 +23,19 @@ import itertools
 import json
 import os
 import struct
-import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 from ckptd.core.cancel import CancelToken
-from ckptd.slim.artifact import ArtifactRequest, WrittenArtifact, split_keep_keys
-from ckptd.slim.copyhash import Gather, write_archive
+from ckptd.slim.artifact import WrittenArtifact
+from ckptd.slim.copyhash import Gather
 from ckptd.slim.errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedFormatError
 from ckptd.slim.pickle_allowlist import ALLOWED_GLOBALS
 from ckptd.slim.safepickle import Inert, InertGlobal, StorageRef, iter_storage_refs
 from ckptd.slim.source import (
     CheckpointSource,
-    check_name,
-    publish_output,
-    refuse_overwriting_source,
-    scalar_meta,
+    KeepKeysWriter,
+    write_single_file,
 )
 from ckptd.slim.tensors import (
     MAX_DEPTH,
@@ -228,6 +224,15 @@ def _plan(
     return pieces, len(prefix) + pos
 
 
+def _safetensors_output(
+    source: CheckpointSource, kept: tuple[str, ...]
+) -> tuple[Sequence[Any], int]:
+    collector = _Collector(source)
+    for key in kept:
+        collector.add(key, source.mapping[key])
+    return _plan(source, collector.tensors, collector.metadata)
+
+
 def write_safetensors(
     src: str | os.PathLike[str],
     dest_dir: str | os.PathLike[str],
@@ -240,57 +245,24 @@ def write_safetensors(
 ) -> WrittenArtifact:
     """Write ``dest_dir/final_name``: the tensors and metadata of ``keep_keys`` of ``src``.
 
-    Same contract as ``slimmer.slim_checkpoint`` (names, progress, cancel, errors, no partial
-    output); only the format differs.
+    Same contract as ``slimmer.slim_checkpoint`` (``source.write_single_file``: names,
+    progress, cancel, errors, no partial output); only the format differs.
     """
-    started = time.perf_counter()
-    src, dest_dir = Path(src), Path(dest_dir)
-    keep = tuple(dict.fromkeys(keep_keys))
-    if isinstance(final_name, str):
-        refuse_overwriting_source(src, dest_dir / check_name(final_name))
-    source = CheckpointSource(src)
-    try:
-        kept, dropped = source.select(keep, optional_keys)
-        collector = _Collector(source)
-        for key in kept:
-            collector.add(key, source.mapping[key])
-        pieces, total = _plan(source, collector.tensors, collector.metadata)
-        meta = scalar_meta(source.mapping.get("meta")) if "meta" in kept else {}
-        source.release_tree()
-        target, sha256 = publish_output(
-            source,
-            dest_dir,
-            final_name,
-            SUFFIX,
-            lambda fd, temp: write_archive(source.fd, fd, temp, pieces, total, progress, cancel),
-        )
-    finally:
-        source.close()
-    return WrittenArtifact(
-        path=target,
-        sha256=sha256,
-        size=total,
-        kept_keys=kept,
-        dropped_keys=dropped,
-        source_stat=source.stat,
-        seconds=time.perf_counter() - started,
-        meta=meta,
+    return write_single_file(
+        src,
+        dest_dir,
+        final_name,
+        keep_keys,
+        SUFFIX,
+        _safetensors_output,
+        progress,
+        optional_keys=optional_keys,
+        cancel=cancel,
     )
 
 
-class SafetensorsWriter:
+class SafetensorsWriter(KeepKeysWriter):
     """A torch zip checkpoint written as a ``.safetensors`` file (``artifact.format``)."""
 
     kind: ClassVar[str] = "safetensors"
-
-    def write(self, request: ArtifactRequest) -> WrittenArtifact:
-        required, optional = split_keep_keys(request.keep)
-        return write_safetensors(
-            request.source,
-            request.dest_dir,
-            request.name,
-            keep_keys=(*required, *optional),
-            progress=request.progress,
-            optional_keys=optional,
-            cancel=request.cancel,
-        )
+    write_file = staticmethod(write_safetensors)

@@ -14,19 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 import zlib
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 from ckptd.core.cancel import CancelToken
 from ckptd.slim.artifact import (
-    ArtifactRequest,
     WrittenArtifact,
-    split_keep_keys,
 )
-from ckptd.slim.copyhash import write_archive
 from ckptd.slim.errors import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
@@ -40,11 +35,9 @@ from ckptd.slim.safepickle import (
 )
 from ckptd.slim.source import (
     CheckpointSource,
-    check_name,
+    KeepKeysWriter,
     describe,
-    publish_output,
-    refuse_overwriting_source,
-    scalar_meta,
+    write_single_file,
 )
 from ckptd.slim.torchzip import DEFAULT_ALIGNMENT, OutRecord, layout_archive
 from ckptd.slim.torchzip import looks_complete as looks_complete
@@ -163,6 +156,13 @@ def _records(
     return records, alignment
 
 
+def _zip_output(source: CheckpointSource, kept: tuple[str, ...]) -> tuple[Sequence[Any], int]:
+    plan = _StoragePlan(source)
+    data_pkl = _new_pickle(source, kept, plan)
+    records, alignment = _records(source, data_pkl, plan)
+    return layout_archive(source.archive.prefix, records, alignment)
+
+
 def slim_checkpoint(
     src: str | os.PathLike[str],
     dest_dir: str | os.PathLike[str],
@@ -173,63 +173,23 @@ def slim_checkpoint(
     optional_keys: Sequence[str] = (),
     cancel: CancelToken | None = None,
 ) -> WrittenArtifact:
-    """Write ``dest_dir/final_name`` holding only ``keep_keys`` of the checkpoint ``src``.
-
-    ``final_name`` may be a callable that receives the output's sha256 (hex) and returns the
-    name. ``progress(done, total)`` gets output bytes; a set ``cancel`` token aborts the slim.
-    Keys of ``keep_keys`` also in ``optional_keys`` are kept when present, skipped when not.
-    Raises a ``SlimError`` subclass naming the file; on any error no output or temp file stays.
-    """
-    started = time.perf_counter()
-    src, dest_dir = Path(src), Path(dest_dir)
-    keep = tuple(dict.fromkeys(keep_keys))
-    if not keep or not all(isinstance(k, str) for k in keep):
-        raise ValueError(f"keep_keys must be a non-empty sequence of str, not {keep_keys!r}")
-    if isinstance(final_name, str):
-        refuse_overwriting_source(src, dest_dir / check_name(final_name))
-    source = CheckpointSource(src)
-    try:
-        kept, dropped = source.select(keep, optional_keys)
-        plan = _StoragePlan(source)
-        data_pkl = _new_pickle(source, kept, plan)
-        records, alignment = _records(source, data_pkl, plan)
-        pieces, total = layout_archive(source.archive.prefix, records, alignment)
-        meta = scalar_meta(source.mapping.get("meta")) if "meta" in kept else {}
-        source.release_tree()  # the copy can take a while; its memory is better returned now
-        target, sha256 = publish_output(
-            source,
-            dest_dir,
-            final_name,
-            ".pth",
-            lambda fd, temp: write_archive(source.fd, fd, temp, pieces, total, progress, cancel),
-        )
-    finally:
-        source.close()
-    return WrittenArtifact(
-        path=target,
-        sha256=sha256,
-        size=total,
-        kept_keys=kept,
-        dropped_keys=dropped,
-        source_stat=source.stat,
-        seconds=time.perf_counter() - started,
-        meta=meta,
+    """Write ``dest_dir/final_name``, a torch zip checkpoint holding only ``keep_keys`` of the
+    checkpoint ``src`` (the contract of ``source.write_single_file``)."""
+    return write_single_file(
+        src,
+        dest_dir,
+        final_name,
+        keep_keys,
+        ".pth",
+        _zip_output,
+        progress,
+        optional_keys=optional_keys,
+        cancel=cancel,
     )
 
 
-class TorchZipSlim:
+class TorchZipSlim(KeepKeysWriter):
     """A torch zip checkpoint slimmed to the kept keys (MMEngine, mmcv, Lightning)."""
 
     kind: ClassVar[str] = "torch zip slim"
-
-    def write(self, request: ArtifactRequest) -> WrittenArtifact:
-        required, optional = split_keep_keys(request.keep)
-        return slim_checkpoint(
-            request.source,
-            request.dest_dir,
-            request.name,
-            keep_keys=(*required, *optional),
-            progress=request.progress,
-            optional_keys=optional,
-            cancel=request.cancel,
-        )
+    write_file = staticmethod(slim_checkpoint)

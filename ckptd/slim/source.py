@@ -1,7 +1,7 @@
 """An open torch zip checkpoint, and the output step every file writer of the package shares.
 
 ``CheckpointSource`` holds the file open (by fd, re-checked by path and fd: invariant 2 of
-docs/DESIGN.md), its central directory and its ``data.pkl`` as an inert tree. ``publish_output``
+docs/DESIGN.md), its central directory and its ``data.pkl`` as an inert tree. ``write_output``
 writes an artifact through ``ckptd.fs.durable.atomic_output`` and names it. The torch-zip slim
 (``slimmer.py``) and the safetensors writer (``safetensors_writer.py``) both build on them.
 """
@@ -11,16 +11,18 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from ckptd.core.cancel import CancelToken
 from ckptd.core.model import FileStat
 from ckptd.fs.durable import TEMP_PREFIX, atomic_output, fsync_dir
 from ckptd.fs.names import plain_name
-from ckptd.slim.artifact import Scalar
-from ckptd.slim.copyhash import CrcMismatch
+from ckptd.slim.artifact import ArtifactRequest, Scalar, WrittenArtifact, split_keep_keys
+from ckptd.slim.copyhash import CrcMismatch, write_archive
 from ckptd.slim.errors import (
     ArtifactWriteError,
     CheckpointChangedError,
@@ -183,7 +185,7 @@ def scalar_meta(value: Any) -> dict[str, Scalar]:
     }
 
 
-def publish_output(
+def write_output(
     source: CheckpointSource,
     dest_dir: Path,
     final_name: str | Callable[[str], str],
@@ -227,3 +229,80 @@ def publish_output(
     except OSError as exc:
         raise ArtifactWriteError(src, target, exc) from exc
     return target, sha256
+
+
+# How a format lays out its output: (pieces for ``copyhash.write_archive``, total bytes).
+BuildOutput = Callable[["CheckpointSource", tuple[str, ...]], tuple[Sequence[Any], int]]
+
+
+def write_single_file(
+    src: str | os.PathLike[str],
+    dest_dir: str | os.PathLike[str],
+    final_name: str | Callable[[str], str],
+    keep_keys: Sequence[str],
+    staged_suffix: str,
+    build: BuildOutput,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    optional_keys: Sequence[str] = (),
+    cancel: CancelToken | None = None,
+) -> WrittenArtifact:
+    """Write ``dest_dir/final_name`` from the ``keep_keys`` of the checkpoint ``src``, laid out
+    by ``build`` (one per output format: torch zip, safetensors).
+
+    ``final_name`` may be a callable that receives the output's sha256 (hex) and returns the
+    name. ``progress(done, total)`` gets output bytes; a set ``cancel`` token aborts the write.
+    Keys of ``keep_keys`` also in ``optional_keys`` are kept when present, skipped when not.
+    Raises a ``SlimError`` subclass naming the file; on any error no output or temp file stays.
+    """
+    started = time.perf_counter()
+    src, dest_dir = Path(src), Path(dest_dir)
+    keep = tuple(dict.fromkeys(keep_keys))
+    if not keep or not all(isinstance(k, str) for k in keep):
+        raise ValueError(f"keep_keys must be a non-empty sequence of str, not {keep_keys!r}")
+    if isinstance(final_name, str):
+        refuse_overwriting_source(src, dest_dir / check_name(final_name))
+    source = CheckpointSource(src)
+    try:
+        kept, dropped = source.select(keep, optional_keys)
+        pieces, total = build(source, kept)
+        meta = scalar_meta(source.mapping.get("meta")) if "meta" in kept else {}
+        source.release_tree()  # the copy can take a while; its memory is better returned now
+        target, sha256 = write_output(
+            source,
+            dest_dir,
+            final_name,
+            staged_suffix,
+            lambda fd, temp: write_archive(source.fd, fd, temp, pieces, total, progress, cancel),
+        )
+    finally:
+        source.close()
+    return WrittenArtifact(
+        path=target,
+        sha256=sha256,
+        size=total,
+        kept_keys=kept,
+        dropped_keys=dropped,
+        source_stat=source.stat,
+        seconds=time.perf_counter() - started,
+        meta=meta,
+    )
+
+
+class KeepKeysWriter:
+    """An ``ArtifactWriter`` over a ``write_single_file``-shaped function of one format."""
+
+    kind: ClassVar[str]
+    write_file: ClassVar[Callable[..., WrittenArtifact]]
+
+    def write(self, request: ArtifactRequest) -> WrittenArtifact:
+        required, optional = split_keep_keys(request.keep)
+        return type(self).write_file(
+            request.source,
+            request.dest_dir,
+            request.name,
+            (*required, *optional),
+            progress=request.progress,
+            optional_keys=optional,
+            cancel=request.cancel,
+        )
