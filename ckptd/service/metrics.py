@@ -27,7 +27,8 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from ckptd import __version__
-from ckptd.engine.outcome import ErrorKind
+from ckptd.engine.outcome import ErrorKind, PublishOutcome
+from ckptd.engine.targets import Target
 from ckptd.fs.space import FilesystemSpace, space_of
 from ckptd.service.http import MetricsServer
 
@@ -318,6 +319,18 @@ class DaemonMetrics:
             row.upload_failures += int(failed)
             row.upload_timeouts += int(timed_out)
             row.publish_pending = pending
+
+    def record_publish_outcome(self, target: Target, outcome: PublishOutcome) -> None:
+        """``record_publish`` of one publisher outcome (the daemon's and the tests' one way)."""
+        self.record_publish(
+            work_dir=str(target.work_dir),
+            project=target.project.name,
+            uploads=outcome.uploads,
+            uploaded_bytes=outcome.uploaded_bytes,
+            failed=outcome.failed,
+            pending=outcome.pending,
+            timed_out=outcome.timed_out,
+        )
 
     def record_watermark(self, mountpoint: str, blocked: bool, deletions: int) -> None:
         self._watermark_blocked.labels(mountpoint).set(int(blocked))

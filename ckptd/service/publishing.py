@@ -55,12 +55,4 @@ class PublishRelay:
         elif outcome.failed:
             log.warning(f"publish failed: {outcome.error}", extra=where)
         if self.metrics:
-            self.metrics.record_publish(
-                work_dir=str(target.work_dir),
-                project=target.project.name,
-                uploads=outcome.uploads,
-                uploaded_bytes=outcome.uploaded_bytes,
-                failed=outcome.failed,
-                pending=outcome.pending,
-                timed_out=outcome.timed_out,
-            )
+            self.metrics.record_publish_outcome(target, outcome)

@@ -402,14 +402,7 @@ def test_publish_queue_retries_in_the_background(tmp_path: Path) -> None:
 
     def record(target: Target, outcome: Any) -> None:
         outcomes.append(outcome.status)
-        metrics.record_publish(
-            work_dir=str(target.work_dir),
-            project="test",
-            uploads=outcome.uploads,
-            uploaded_bytes=outcome.uploaded_bytes,
-            failed=outcome.failed,
-            pending=outcome.pending,
-        )
+        metrics.record_publish_outcome(target, outcome)
 
     lock = WorkDirLock(t.work_dir)
     lock.acquire()

@@ -214,15 +214,7 @@ def test_the_publisher_thread_of_ckptd_run_is_free_again_after_the_deadline(
 
     def record(target: Target, outcome: Any) -> None:
         seen.append((time.monotonic(), outcome))
-        metrics.record_publish(
-            work_dir=str(target.work_dir),
-            project="test",
-            uploads=outcome.uploads,
-            uploaded_bytes=outcome.uploaded_bytes,
-            failed=outcome.failed,
-            pending=outcome.pending,
-            timed_out=outcome.timed_out,
-        )
+        metrics.record_publish_outcome(target, outcome)
 
     lock = WorkDirLock(t.work_dir)
     lock.acquire()
