@@ -59,6 +59,17 @@ def free(path: Path) -> tuple[int, int]:
     return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
+def small_disk(ns: MountNamespace, tmp_path: Path, size: str, min_free: str) -> tuple[Path, Path]:
+    """A ``size`` tmpfs at ``tmp_path/disk`` holding the work_dirs, and a config for them where
+    only the watermark (``disk.min_free``) deletes (keep_last 100)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    ns.mount_tmpfs(disk, size)
+    config = write_config(tmp_path, work_dirs=[f"{disk}/work_dirs/*"], retention={"keep_last": 100})
+    config.write_text(config.read_text() + f"disk:\n  min_free: {min_free}\n")
+    return disk, config
+
+
 def deletions(out: str) -> dict[str, list[tuple[str, list[str]]]]:
     data = json.loads(out)
     return {
@@ -73,16 +84,7 @@ def test_once_frees_the_ended_runs_oldest_first_and_reports_blocked(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with MountNamespace() as ns:
-        disk = tmp_path / "disk"
-        disk.mkdir()
-        ns.mount_tmpfs(disk, "40m")
-        config = write_config(
-            tmp_path,
-            work_dirs=[f"{disk}/work_dirs/*"],
-            retention={"keep_last": 100},  # only the watermark deletes
-        )
-        text = config.read_text() + "disk:\n  min_free: 45%\n"
-        config.write_text(text)
+        disk, config = small_disk(ns, tmp_path, "40m", "45%")
         ended, running = disk / "work_dirs" / "ended", disk / "work_dirs" / "running"
         assert simulate(ns, ended, 8).returncode == 0
         age(ns.view(ended), 10 * 3600)
@@ -140,14 +142,8 @@ def test_a_trainer_writing_under_ckptd_run_never_runs_out_of_space(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with MountNamespace() as ns:
-        disk = tmp_path / "disk"
-        disk.mkdir()
-        ns.mount_tmpfs(disk, "40m")
-        config = write_config(
-            tmp_path, work_dirs=[f"{disk}/work_dirs/*"], retention={"keep_last": 100}
-        )
         # 16 MiB kept free: 8 checkpoints' writes of headroom for ckptd's reaction
-        config.write_text(config.read_text() + "disk:\n  min_free: 40%\n")
+        disk, config = small_disk(ns, tmp_path, "40m", "40%")
         ended, running = disk / "work_dirs" / "ended", disk / "work_dirs" / "running"
         assert simulate(ns, ended, 6).returncode == 0
         age(ns.view(ended), 10 * 3600)
@@ -211,13 +207,7 @@ def test_a_full_disk_is_freed_although_the_state_file_cannot_be_written(tmp_path
     """At 0 bytes free a pass cannot save its state (ENOSPC); its plan was still sound, so the
     watermark's eviction pass deletes first and then saves."""
     with MountNamespace() as ns:
-        disk = tmp_path / "disk"
-        disk.mkdir()
-        ns.mount_tmpfs(disk, "24m")
-        config = write_config(
-            tmp_path, work_dirs=[f"{disk}/work_dirs/*"], retention={"keep_last": 100}
-        )
-        config.write_text(config.read_text() + "disk:\n  min_free: 20%\n")
+        disk, config = small_disk(ns, tmp_path, "24m", "20%")
         run = disk / "work_dirs" / "run"
         assert simulate(ns, run, 6).returncode == 0
         assert ns.ckptd("once", "-c", str(config)).returncode == 0  # artifact, state: above
