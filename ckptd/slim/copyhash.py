@@ -282,11 +282,13 @@ def write_archive(
     total: int,
     progress: Callable[[int, int], None] | None,
     cancel: CancelToken | None = None,
+    checks: Sequence[Copy] = (),
 ) -> str:
     """Write ``pieces`` (from ``layout_archive``) to ``fd`` (the file ``temp``), copying spans
-    of ``src_fd`` and writing what ``Gather`` pieces make; return the output's sha256 once every
-    checked copy's CRC is verified."""
-    verifier = ReadBackVerifier(temp, [p for p in pieces if isinstance(p, Copy)])
+    of ``src_fd`` (or of a copy's own ``source_fd``) and writing what ``Gather`` pieces make;
+    return the output's sha256 once every checked copy's CRC, and every output range in
+    ``checks`` (pieced together from several copies), is verified."""
+    verifier = ReadBackVerifier(temp, [*(p for p in pieces if isinstance(p, Copy)), *checks])
     writeback = _Writeback(fd)
     if hasattr(os, "posix_fadvise"):  # read-ahead for a cold source (a no-op when cached)
         with contextlib.suppress(OSError):
@@ -311,7 +313,8 @@ def write_archive(
                     progress(start + done, total)
 
             if isinstance(piece, Copy):
-                copy_range(src_fd, piece.source_offset, fd, pos, piece.size, on_chunk)
+                from_fd = piece.source_fd if piece.source_fd >= 0 else src_fd
+                copy_range(from_fd, piece.source_offset, fd, pos, piece.size, on_chunk)
             else:
                 done = 0
                 for chunk in piece.chunks(src_fd):

@@ -82,3 +82,16 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         *STORAGE_TYPES,
     }
 )
+
+# Read-only: globals a DeepSpeed ``*_model_states.pt`` / ``*_optim_states.pt`` may name (its
+# loss scaler, ZeRO stage enum and bf16 fragment map, and the trainers' client states that ride
+# in the model-states file), on top of ``ALLOWED_GLOBALS``. ckptd never calls them: a shard
+# naming anything else is refused before any of it is used (``slim/deepspeed.py``).
+DEEPSPEED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+        ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+        ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+        ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    }
+)

@@ -137,11 +137,24 @@ def _records(
     if byteorder not in (None, b"little", b"big"):
         raise CorruptCheckpointError(source.path, f"has a bad byteorder record {byteorder!r}.")
 
+    storages = [rec for _, rec in plan.copies]
+    return torch_records(data_pkl, storages, version, byteorder, alignment), alignment
+
+
+def torch_records(
+    data_pkl: bytes,
+    storages: Sequence[OutRecord],
+    version: bytes = b"3\n",
+    byteorder: bytes | None = b"little",
+    alignment: int = DEFAULT_ALIGNMENT,
+) -> list[OutRecord]:
+    """The records of a torch zip file, in the order torch.save writes them."""
+
     def memory(name: str, data: bytes) -> OutRecord:
         return OutRecord(name, len(data), zlib.crc32(data), data=data)
 
     identity = hashlib.sha256(data_pkl)
-    for _, rec in plan.copies:
+    for rec in storages:
         identity.update(f"{rec.name}:{rec.size}:{rec.crc32};".encode())
     serialization_id = f"{int.from_bytes(identity.digest()[:16], 'big'):040d}".encode()
     records = [
@@ -151,9 +164,9 @@ def _records(
     ]
     if byteorder is not None:
         records.append(memory("byteorder", byteorder))
-    records += [rec for _, rec in plan.copies]
+    records += storages
     records += [memory("version", version), memory(".data/serialization_id", serialization_id)]
-    return records, alignment
+    return records
 
 
 def _zip_output(source: CheckpointSource, kept: tuple[str, ...]) -> tuple[Sequence[Any], int]:

@@ -352,6 +352,8 @@ class Copy:
     name: str
     # False for part of a record (a tensor view at an offset): no CRC vouches for those bytes.
     checked: bool = True
+    # The file to copy from when it is not the one source (a sharded checkpoint's shard).
+    source_fd: int = -1
 
 
 def layout_archive(
