@@ -13,6 +13,10 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ckptd.slim.artifact import ArtifactWriter
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 DEFAULT_CONFIGS = (Path("ckptd.yaml"), Path("/etc/ckptd/ckptd.yaml"))
@@ -230,9 +234,24 @@ def _slim_destination(args: argparse.Namespace, suffix: str) -> tuple[Path, str]
     return out.parent, out.name
 
 
+def _sharded_writer(path: Path, fmt: str) -> ArtifactWriter | None:
+    """The consolidating writer of a sharded folder checkpoint (DeepSpeed, DCP), or None."""
+    from ckptd.slim.errors import UnsupportedFormatError
+    from ckptd.slim.sharded import sharded_format
+
+    if not path.is_dir():
+        return None
+    found = sharded_format(path)
+    if found is None:
+        raise UnsupportedFormatError(path, "is a folder, but no sharded checkpoint ckptd knows.")
+    return found.writer(fmt)
+
+
 def cmd_slim(args: argparse.Namespace) -> int:
     from ckptd.core.units import format_size
+    from ckptd.fs.delete import tree_stat
     from ckptd.present.progress import byte_progress
+    from ckptd.slim.artifact import ArtifactRequest
     from ckptd.slim.errors import SlimError
     from ckptd.slim.safetensors_writer import write_safetensors
     from ckptd.slim.slimmer import slim_checkpoint
@@ -251,12 +270,22 @@ def cmd_slim(args: argparse.Namespace) -> int:
     final = (lambda sha: f"{stem}-{sha[:8]}{suffix}") if args.hash_in_name else name
     try:
         size = args.checkpoint.stat().st_size
+        sharded = _sharded_writer(args.checkpoint, args.format)
+        if sharded is not None:  # a folder of shards: consolidated, whatever --keep-keys says
+            size = tree_stat(args.checkpoint).size
+    except SlimError as exc:
+        print(f"ckptd slim: {exc}", file=sys.stderr)
+        return EXIT_ERRORS
     except OSError as exc:
-        print(f"ckptd slim: {args.checkpoint}: {exc.strerror}", file=sys.stderr)
+        print(f"ckptd slim: {args.checkpoint}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERRORS
     try:
         with byte_progress(size, f"slim {args.checkpoint.name}") as progress:
-            result = write(args.checkpoint, folder, final, keep_keys=keep, progress=progress)
+            if sharded is not None:
+                request = ArtifactRequest(args.checkpoint, folder, final, keep, progress)
+                result = sharded.write(request)
+            else:
+                result = write(args.checkpoint, folder, final, keep_keys=keep, progress=progress)
     except SlimError as exc:
         print(f"ckptd slim: {exc}", file=sys.stderr)
         return EXIT_ERRORS

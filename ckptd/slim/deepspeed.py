@@ -181,9 +181,9 @@ def complete(folder: Path) -> tuple[bool, str]:
         if tag == folder:
             latest = read_latest(folder.parent)
             step, latest_step = _step(folder.name), _step(latest or "")
-            if latest is not None and latest != folder.name:
-                if step is None or latest_step is None or step > latest_step:
-                    return False, f"'latest' names {latest}, not this folder (still being saved)"
+            later = step is not None and latest_step is not None and step <= latest_step
+            if latest is not None and latest != folder.name and not later:
+                return False, f"'latest' names {latest}, not this folder (still being saved)"
         first, models, optims = shard_paths(tag)
         for path in dict.fromkeys([first, *models, *optims]):
             if not path.exists():

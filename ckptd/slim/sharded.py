@@ -36,7 +36,21 @@ class ShardedFormat:
 
 def _formats() -> tuple[ShardedFormat, ...]:
     # Imported here so that a layout importing this module does not pay for every format.
-    found: list[ShardedFormat] = []
+    from ckptd.slim import deepspeed
+
+    found: list[ShardedFormat] = [
+        ShardedFormat(
+            "deepspeed",
+            deepspeed.recognise,
+            deepspeed.complete,
+            lambda fmt: (
+                deepspeed.DeepSpeedSafetensors()
+                if fmt == "safetensors"
+                else deepspeed.DeepSpeedConsolidate()
+            ),
+            lambda fmt: ".safetensors" if fmt == "safetensors" else ".pth",
+        ),
+    ]
     return tuple(found)
 
 
