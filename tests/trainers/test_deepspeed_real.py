@@ -1,0 +1,219 @@
+"""DeepSpeed ZeRO 1/2/3 checkpoints written by real engines on CPU, consolidated by ckptd.
+
+The folders come from ``deepspeed_real.py`` (DeepSpeed's own ``save_checkpoint`` under
+``torchrun --nproc-per-node 2``, ``DS_ACCELERATOR=cpu``, gloo); the oracle is DeepSpeed's own
+``get_fp32_state_dict_from_zero_checkpoint``. Hostile and broken copies of those folders must
+be refused naming the file and the reason, with no code run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ckptd.slim.artifact import ArtifactRequest
+from ckptd.slim.errors import CorruptCheckpointError, SlimError, UnsafeShardError
+from ckptd.slim.sharded import sharded_format
+
+pytestmark = [pytest.mark.trainer]
+deepspeed = pytest.importorskip("deepspeed")
+torch = pytest.importorskip("torch")
+zero_to_fp32 = pytest.importorskip("deepspeed.utils.zero_to_fp32")
+
+HERE = Path(__file__).parent
+STAGES = (1, 2, 3)
+
+
+def save_real(out: Path, *args: str) -> None:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc-per-node", "2", str(HERE / "deepspeed_real.py"), str(out)]
+    done = subprocess.run(
+        [*cmd, *args], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OUT/zero{1,2,3}/ with global_step2/ and global_step4/, written by DeepSpeed."""
+    out = tmp_path_factory.mktemp("deepspeed")
+    save_real(out, "--saves", "2")
+    return out
+
+
+def consolidate(folder: Path, dest: Path, fmt: str = "torch") -> Path:
+    found = sharded_format(folder)
+    assert found is not None and found.kind == "deepspeed"
+    name = "model" + found.suffix(fmt)
+    return found.writer(fmt).write(ArtifactRequest(folder, dest, name, ("meta", "state_dict"))).path
+
+
+def load(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_real_engine_consolidation_equals_deepspeeds_own(
+    real: Path, tmp_path: Path, stage: int, fmt: str
+) -> None:
+    save_dir = real / f"zero{stage}"
+    expected = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(save_dir))
+    for folder in (save_dir, save_dir / "global_step4"):  # via 'latest', and the tag itself
+        got = load(consolidate(folder, tmp_path, fmt))
+        assert list(got) == list(expected)
+        for key, tensor in expected.items():
+            assert got[key].dtype == tensor.dtype and got[key].shape == tensor.shape, key
+            assert torch.equal(got[key], tensor), key
+        (tmp_path / ("model.pth" if fmt == "torch" else "model.safetensors")).unlink()
+    older = load(consolidate(save_dir / "global_step2", tmp_path, fmt))
+    expected2 = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(save_dir), "global_step2")
+    assert all(torch.equal(older[k], v) for k, v in expected2.items())
+
+
+def test_real_engine_meta_and_tied_weights(real: Path, tmp_path: Path) -> None:
+    saved = torch.load(consolidate(real / "zero3", tmp_path), weights_only=True)
+    assert saved["meta"]["zero_stage"] == 3 and saved["meta"]["dp_world_size"] == 2
+    assert saved["meta"]["global_steps"] == 4 and saved["meta"]["epoch"] == 1
+    sd = saved["state_dict"]
+    assert sd["head.weight"].data_ptr() == sd["embed.weight"].data_ptr()  # tied, as torch.save
+    assert sd["scale"].dtype == torch.float32 and sd["seen"].dtype == torch.int64
+
+
+def test_real_engine_folders_are_complete_and_every_shard_counts(real: Path) -> None:
+    fmt = sharded_format(real / "zero3")
+    assert fmt is not None
+    for stage in STAGES:
+        assert fmt.complete(real / f"zero{stage}") == (True, "")
+        assert fmt.complete(real / f"zero{stage}" / "global_step2") == (True, "")
+
+
+def broken_copy(real: Path, tmp_path: Path, stage: int = 3) -> Path:
+    copy = tmp_path / "save_dir"
+    shutil.copytree(real / f"zero{stage}", copy)
+    return copy / "global_step4"
+
+
+def assert_refused(folder: Path, dest: Path, error: type[SlimError], *words: str) -> SlimError:
+    fmt = sharded_format(folder)
+    assert fmt is not None
+    with pytest.raises(error) as caught:
+        consolidate(folder, dest)
+    text = str(caught.value)
+    for word in words:
+        assert word in text, text
+    assert not [p for p in dest.iterdir() if p.is_file()], "no partial output stays"
+    return caught.value
+
+
+class Payload:
+    """Runs ``touch MARKER`` when unpickled by a loader that executes pickled calls."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("which", ["zero_pp_rank_0_mp_rank_00_model_states.pt", "optim"])
+def test_hostile_code_running_payload_is_refused_unrun(
+    real: Path, tmp_path: Path, which: str
+) -> None:
+    tag = broken_copy(real, tmp_path)
+    name = which if which != "optim" else "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    marker = tmp_path / "code-ran"
+    state = torch.load(tag / name, weights_only=False)
+    state["innocent"] = Payload(marker)
+    torch.save(state, tag / name)
+    out = tmp_path / "out"
+    out.mkdir()
+    error = assert_refused(tag, out, UnsafeShardError, name, "innocent", "posix.system")
+    assert Path(error.path) == tag / name
+    assert not marker.exists()
+
+
+def test_missing_shard_is_incomplete_and_refused(real: Path, tmp_path: Path) -> None:
+    tag = broken_copy(real, tmp_path)
+    (tag / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    fmt = sharded_format(tag)
+    assert fmt is not None
+    ok, why = fmt.complete(tag)
+    assert not ok and "rank 1" in why
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_refused(tag, out, CorruptCheckpointError, str(tag), "rank 1")
+
+
+def test_short_shard_is_incomplete_and_refused(real: Path, tmp_path: Path) -> None:
+    tag = broken_copy(real, tmp_path)
+    shard = tag / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    os.truncate(shard, shard.stat().st_size - 300)
+    fmt = sharded_format(tag)
+    assert fmt is not None
+    ok, why = fmt.complete(tag)
+    assert not ok and shard.name in why
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_refused(tag, out, CorruptCheckpointError, shard.name)
+
+
+def test_damaged_shard_bytes_fail_the_crc(real: Path, tmp_path: Path) -> None:
+    tag = broken_copy(real, tmp_path, stage=2)
+    shard = tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    from ckptd.slim.source import CheckpointSource
+    from ckptd.slim.tensors import tensor_view
+
+    source = CheckpointSource(shard)
+    try:
+        group = source.mapping["optimizer_state_dict"]["single_partition_of_fp32_groups"][0]
+        view = tensor_view(group)  # the fp32 partition the consolidation reads
+        assert view is not None
+        start = source.archive.data_offset(source.archive.entries[f"data/{view.storage_key}"])
+    finally:
+        source.close()
+    data = bytearray(shard.read_bytes())
+    data[start + 8] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SlimError) as caught:
+        consolidate(tag, out)
+    assert shard.name in str(caught.value) and "CRC" in str(caught.value)
+
+
+@pytest.mark.parametrize("tag", ["../../outside", "/etc", "global_step4/../../x"])
+def test_latest_naming_a_folder_outside_is_refused(real: Path, tmp_path: Path, tag: str) -> None:
+    save_dir = broken_copy(real, tmp_path).parent
+    (save_dir / "latest").write_text(tag)
+    fmt = sharded_format(save_dir)
+    assert fmt is not None
+    ok, why = fmt.complete(save_dir)
+    assert not ok and "latest" in why
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_refused(save_dir, out, SlimError, "latest", "outside")
+
+
+def test_cli_slim_folder_is_the_streaming_zero_to_fp32(real: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent.parent)}
+    done = subprocess.run(
+        [sys.executable, "-m", "ckptd", "slim", str(real / "zero2"), "-o", str(out),
+         "--format", "safetensors"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    expected = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(real / "zero2"))
+    got = load(out)
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
