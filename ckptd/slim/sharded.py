@@ -37,6 +37,17 @@ class ShardedFormat:
 def _formats() -> tuple[ShardedFormat, ...]:
     # Imported here so that a layout importing this module does not pay for every format.
     found: list[ShardedFormat] = []
+    from ckptd.slim import dcp, dcp_writer
+
+    found.append(
+        ShardedFormat(
+            kind="dcp",
+            recognise=dcp.recognise,
+            complete=dcp.complete,
+            writer=dcp_writer.DcpConsolidation,
+            suffix=dcp_writer.output_suffix,
+        )
+    )
     return tuple(found)
 
 
