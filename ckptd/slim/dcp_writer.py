@@ -113,6 +113,8 @@ class _Consolidation:
                 order.append(top)
         side_keys = [str(k) for k in side.mapping] if side else []
         available = order + [k for k in side_keys if k not in order]
+        if tuple(keep) == ("*",):  # everything, as dcp_to_torch_save writes it
+            keep = available
         missing = [k for k in keep if k not in available and k not in optional]
         kept = tuple(k for k in available if k in keep)
         if missing or not kept:
