@@ -13,10 +13,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ckptd.slim.artifact import ArtifactWriter
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 DEFAULT_CONFIGS = (Path("ckptd.yaml"), Path("/etc/ckptd/ckptd.yaml"))
@@ -105,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     slim.add_argument("checkpoint", type=Path)
     slim.add_argument("-o", "--output", type=Path, help="output file or folder")
     slim.add_argument(
-        "--keep-keys", default="meta,state_dict", help="comma-separated top-level keys to keep"
+        "--keep-keys",
+        default=None,
+        help="comma-separated top-level keys to keep ('?' after a key: if present); default "
+        "meta,state_dict for a file, model,meta? for a torch distributed checkpoint folder "
+        "(state_dict,hyper_parameters?,pytorch-lightning_version? for a Lightning one); "
+        "'all' keeps every key of a folder, as dcp_to_torch_save does",
     )
     slim.add_argument(
         "--hash-in-name", action="store_true", help="append -<sha256[:8]> like publish_model.py"
@@ -234,24 +235,9 @@ def _slim_destination(args: argparse.Namespace, suffix: str) -> tuple[Path, str]
     return out.parent, out.name
 
 
-def _sharded_writer(path: Path, fmt: str) -> ArtifactWriter | None:
-    """The consolidating writer of a sharded folder checkpoint (DeepSpeed, DCP), or None."""
-    from ckptd.slim.errors import UnsupportedFormatError
-    from ckptd.slim.sharded import sharded_format
-
-    if not path.is_dir():
-        return None
-    found = sharded_format(path)
-    if found is None:
-        raise UnsupportedFormatError(path, "is a folder, but no sharded checkpoint ckptd knows.")
-    return found.writer(fmt)
-
-
 def cmd_slim(args: argparse.Namespace) -> int:
     from ckptd.core.units import format_size
-    from ckptd.fs.delete import tree_stat
     from ckptd.present.progress import byte_progress
-    from ckptd.slim.artifact import ArtifactRequest
     from ckptd.slim.errors import SlimError
     from ckptd.slim.safetensors_writer import write_safetensors
     from ckptd.slim.slimmer import slim_checkpoint
@@ -261,7 +247,9 @@ def cmd_slim(args: argparse.Namespace) -> int:
         if args.format == "safetensors"
         else (slim_checkpoint, ".pth")
     )
-    keep = tuple(k.strip() for k in args.keep_keys.split(",") if k.strip())
+    if args.checkpoint.is_dir() and not args.checkpoint.is_symlink():
+        return _slim_folder(args)
+    keep = tuple(k.strip() for k in (args.keep_keys or "meta,state_dict").split(",") if k.strip())
     if not keep:
         print("ckptd slim: --keep-keys needs at least one key", file=sys.stderr)
         return EXIT_USAGE
@@ -270,27 +258,79 @@ def cmd_slim(args: argparse.Namespace) -> int:
     final = (lambda sha: f"{stem}-{sha[:8]}{suffix}") if args.hash_in_name else name
     try:
         size = args.checkpoint.stat().st_size
-        sharded = _sharded_writer(args.checkpoint, args.format)
-        if sharded is not None:  # a folder of shards: consolidated, whatever --keep-keys says
-            size = tree_stat(args.checkpoint).size
-    except SlimError as exc:
-        print(f"ckptd slim: {exc}", file=sys.stderr)
-        return EXIT_ERRORS
     except OSError as exc:
-        print(f"ckptd slim: {args.checkpoint}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"ckptd slim: {args.checkpoint}: {exc.strerror}", file=sys.stderr)
         return EXIT_ERRORS
     try:
         with byte_progress(size, f"slim {args.checkpoint.name}") as progress:
-            if sharded is not None:
-                request = ArtifactRequest(args.checkpoint, folder, final, keep, progress)
-                result = sharded.write(request)
-            else:
-                result = write(args.checkpoint, folder, final, keep_keys=keep, progress=progress)
+            result = write(args.checkpoint, folder, final, keep_keys=keep, progress=progress)
     except SlimError as exc:
         print(f"ckptd slim: {exc}", file=sys.stderr)
         return EXIT_ERRORS
     except OSError as exc:
         print(f"ckptd slim: {exc.filename or folder}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERRORS
+    print(
+        f"{result.path}  {format_size(result.size)} (from {format_size(size)})  "
+        f"sha256 {result.sha256}  kept {', '.join(result.kept_keys)}; dropped "
+        f"{', '.join(result.dropped_keys) or 'nothing'}  {result.seconds:.2f} s"
+    )
+    return EXIT_OK
+
+
+def _slim_folder(args: argparse.Namespace) -> int:
+    """``ckptd slim FOLDER``: a sharded checkpoint consolidated into one file (the streaming,
+    no-code-run replacement for ``dcp_to_torch_save``)."""
+    from ckptd.core.units import format_size
+    from ckptd.fs.delete import NotPlainTree, tree_stat
+    from ckptd.layouts.lightning import LightningLayout
+    from ckptd.layouts.lightning_sharded import META_FILE, folder_complete
+    from ckptd.present.progress import byte_progress
+    from ckptd.slim.artifact import ArtifactRequest
+    from ckptd.slim.dcp_writer import DcpConsolidation
+    from ckptd.slim.errors import SlimError
+    from ckptd.slim.sharded import sharded_format
+
+    folder: Path = args.checkpoint
+    fmt = sharded_format(folder)
+    if fmt is None:
+        print(
+            f"ckptd slim: {folder}: a folder, but no sharded checkpoint ckptd knows (a torch "
+            "distributed checkpoint has .metadata and __<rank>_<i>.distcp files)",
+            file=sys.stderr,
+        )
+        return EXIT_ERRORS
+    lightning = (folder / META_FILE).exists()
+    complete, why = folder_complete(folder) if lightning else fmt.complete(folder)
+    if not complete:
+        print(f"ckptd slim: {folder}: not complete: {why}", file=sys.stderr)
+        return EXIT_ERRORS
+    if fmt.kind == "dcp":
+        rename = {"model": "state_dict"} if lightning else None
+        writer = DcpConsolidation(args.format, rename, META_FILE if lightning else None)
+    else:
+        writer = fmt.writer(args.format)
+    default = LightningLayout.default_keep_keys if lightning else ("model", "meta?")
+    text = args.keep_keys
+    keep = default if text is None else tuple(k.strip() for k in text.split(",") if k.strip())
+    if keep == ("all",):
+        keep = ("*",)
+    if not keep:
+        print("ckptd slim: --keep-keys needs at least one key", file=sys.stderr)
+        return EXIT_USAGE
+    suffix = fmt.suffix(args.format)
+    dest, name = _slim_destination(args, suffix)
+    stem = name.removesuffix(suffix)
+    final = (lambda sha: f"{stem}-{sha[:8]}{suffix}") if args.hash_in_name else name
+    try:
+        size = tree_stat(folder).size
+        with byte_progress(size, f"slim {folder.name}") as progress:
+            result = writer.write(ArtifactRequest(folder, dest, final, keep, progress))
+    except (SlimError, NotPlainTree) as exc:
+        print(f"ckptd slim: {exc}", file=sys.stderr)
+        return EXIT_ERRORS
+    except OSError as exc:
+        print(f"ckptd slim: {exc.filename or dest}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERRORS
     print(
         f"{result.path}  {format_size(result.size)} (from {format_size(size)})  "

@@ -28,15 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.core.cancel import CancelToken, check
-from ckptd.slim.copyhash import write_archive
+from ckptd.slim.copyhash import CrcMismatch, crc32_combine, write_archive
 from ckptd.slim.errors import CheckpointChangedError, CorruptCheckpointError
 from ckptd.slim.picklewriter import PickleWriter
 from ckptd.slim.safepickle import StorageRef, stand_in
 from ckptd.slim.safetensors_writer import DTYPES, header_bytes
-from ckptd.slim.slimmer import torch_records
+from ckptd.slim.slimmer import zip_records
 from ckptd.slim.source import CheckpointSource, write_output
 from ckptd.slim.tensors import ITEMSIZE
-from ckptd.slim.torchzip import DEFAULT_ALIGNMENT, Copy, OutRecord, layout_archive
+from ckptd.slim.torchzip import Copy, OutRecord, layout_archive
 from ckptd.slim.zero_layout import Part
 
 _CHUNK = 1 << 20
@@ -45,6 +45,7 @@ _STORAGE_CLASSES = {
     "bfloat16": "BFloat16Storage", "int64": "LongStorage", "int32": "IntStorage",
     "int16": "ShortStorage", "int8": "CharStorage", "uint8": "ByteStorage", "bool": "BoolStorage",
 }  # fmt: skip
+_TORCH_RECORDS = {"version": b"3\n", "byteorder": b"little"}
 CONVERTIBLE = {"bfloat16", "float16", "float64"}  # to float32, as DeepSpeed's ``.float()``
 
 
@@ -79,7 +80,7 @@ class ShardRecord:
 
 class ShardFiles:
     """The open shard files of a folder checkpoint (``CheckpointSource``s, re-checked by path
-    and fd), what ``source.write_output`` re-checks once the output is written."""
+    and fd): what ``source.write_output`` re-checks once the output is written."""
 
     def __init__(self, folder: Path) -> None:
         self.path = folder
@@ -97,43 +98,9 @@ class ShardFiles:
         for source in self.sources:
             source.check_unchanged()
 
-    def record_name(self, name: str) -> str:
-        return f"the consolidated tensor {name!r}"
-
-
-# crc32_combine (zlib's, which Python does not expose): the operator that appends n zero bytes
-# to a CRC is a 32x32 matrix over GF(2); the ones for 2^k bytes are computed once.
-def _gf2_times(mat: Sequence[int], vec: int) -> int:
-    out, i = 0, 0
-    while vec:
-        if vec & 1:
-            out ^= mat[i]
-        vec >>= 1
-        i += 1
-    return out
-
-
-def _zero_operators() -> list[list[int]]:
-    one_bit = [0xEDB88320] + [1 << n for n in range(31)]  # the operator for one zero bit
-    ops = [one_bit]
-    for _ in range(2 + 64):  # 1, 2, 4 bits, then one byte, 2 bytes, ... 2^63 bytes
-        last = ops[-1]
-        ops.append([_gf2_times(last, last[n]) for n in range(32)])
-    return ops[3:]  # ops[3 + k] appends 2^k zero bytes
-
-
-_ZERO_BYTES = _zero_operators()
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """The CRC32 of A + B from crc32(A), crc32(B) and len(B)."""
-    k = 0
-    while len2:
-        if len2 & 1:
-            crc1 = _gf2_times(_ZERO_BYTES[k], crc1)
-        len2 >>= 1
-        k += 1
-    return crc1 ^ crc2
+    def small_record(self, name: str) -> bytes | None:
+        """The records ``slimmer.zip_records`` copies: torch.save's own."""
+        return _TORCH_RECORDS.get(name)
 
 
 def _pread(fd: int, size: int, offset: int, path: Path) -> bytes:
@@ -224,14 +191,15 @@ def _data_pieces(tensor: OutTensor, dest: int, path: Path) -> list[Any]:
         return [_Converted(tensor, path)]
     pieces, pos = [], dest
     for part in tensor.parts:
-        pieces.append(Copy(part.offset, pos, part.size, 0, tensor.name, False, part.fd))
+        pieces.append(Copy(part.offset, pos, part.size, 0, tensor.name, False, fd=part.fd))
         pos += part.size
     return pieces
 
 
 def _torch_layout(
-    tensors: Sequence[OutTensor], crcs: Sequence[int], meta: dict[str, Any], path: Path
+    shards: ShardFiles, tensors: Sequence[OutTensor], crcs: Sequence[int], meta: dict[str, Any]
 ) -> tuple[list[Any], int, list[Copy]]:
+    path = shards.path
     od = stand_in(("collections", "OrderedDict"))
     rebuild = stand_in(("torch._utils", "_rebuild_tensor_v2"))
     state_dict = od()
@@ -258,10 +226,11 @@ def _torch_layout(
         writer.save(value)
     data_pkl = writer.end_root()
     storages = [
-        OutRecord(f"data/{i}", tensors[t].nbytes, crcs[t], source_offset=0)
+        (str(i), OutRecord(f"data/{i}", tensors[t].nbytes, crcs[t], source_offset=0))
         for i, t in enumerate(stored)
     ]
-    laid, total = layout_archive("archive", torch_records(data_pkl, storages), DEFAULT_ALIGNMENT)
+    records, alignment = zip_records(shards, data_pkl, storages)
+    laid, total = layout_archive("archive", records, alignment)
     pieces: list[Any] = []
     checks: list[Copy] = []
     for piece in laid:
@@ -318,13 +287,18 @@ def write_consolidated(
         pieces, total, checks = _safetensors_layout(tensors, crcs, metadata, shards.path)
         suffix = ".safetensors"
     else:
-        pieces, total, checks = _torch_layout(tensors, crcs, meta, shards.path)
+        pieces, total, checks = _torch_layout(shards, tensors, crcs, meta)
         suffix = ".pth"
-    path, sha256 = write_output(
-        shards,
-        dest_dir,
-        final_name,
-        suffix,
-        lambda fd, temp: write_archive(-1, fd, temp, pieces, total, progress, cancel, checks),
-    )
+
+    def write(fd: int, temp: str) -> str:
+        try:
+            return write_archive(-1, fd, temp, pieces, total, progress, cancel, checks)
+        except CrcMismatch as exc:  # the output differs from the bytes the shards' CRCs vouch for
+            shards.check_unchanged()
+            raise CorruptCheckpointError(
+                shards.path,
+                f"gave the tensor {exc.copy.name!r} bytes that changed as they were copied.",
+            ) from exc
+
+    path, sha256 = write_output(shards, dest_dir, final_name, suffix, write)  # type: ignore[arg-type]
     return path, sha256, total

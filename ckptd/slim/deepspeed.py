@@ -34,6 +34,7 @@ from ckptd.slim.consolidate import (
     ShardRecord,
     write_consolidated,
 )
+from ckptd.slim.dcp_writer import output_suffix as output_suffix
 from ckptd.slim.errors import (
     CheckpointChangedError,
     CorruptCheckpointError,
@@ -242,7 +243,7 @@ class _Reader:
         if (source.fd, view.storage_key) not in self.records:
             self.records[source.fd, view.storage_key] = ShardRecord(
                 source.path, source.fd, base, entry.size, entry.crc32,
-                source.record_name(view.storage_key),
+                f"{source.archive.prefix}/data/{view.storage_key}",
             )  # fmt: skip
         return view.dtype, Part(source.fd, base + view.span()[0], view.nbytes)
 
@@ -374,16 +375,16 @@ def write_deepspeed(request: ArtifactRequest, fmt: str) -> WrittenArtifact:
     )
 
 
-class DeepSpeedConsolidate:
-    """A DeepSpeed ZeRO checkpoint folder consolidated to one fp32 torch zip file."""
+class DeepSpeedConsolidation:
+    """The ``ArtifactWriter`` of DeepSpeed folders (``artifact.format`` torch or safetensors)."""
 
-    kind: ClassVar[str] = "deepspeed consolidate"
-    fmt: ClassVar[str] = "torch"
+    kind: ClassVar[str] = "deepspeed consolidation"
+
+    def __init__(self, fmt: str = "torch") -> None:
+        self.fmt = fmt
 
     def write(self, request: ArtifactRequest) -> WrittenArtifact:
         return write_deepspeed(request, self.fmt)
 
 
-class DeepSpeedSafetensors(DeepSpeedConsolidate):
-    kind: ClassVar[str] = "deepspeed consolidate safetensors"
-    fmt: ClassVar[str] = "safetensors"
+writer = DeepSpeedConsolidation

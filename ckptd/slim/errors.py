@@ -51,6 +51,21 @@ class UnsafeCheckpointError(SlimError):
         )
 
 
+class UnsafeMetadataError(SlimError):
+    """A sharded checkpoint's index (DCP's ``.metadata``) names a global its library never
+    writes there: the file is refused, unread beyond the inert parse, nothing of it run."""
+
+    def __init__(self, path: str | os.PathLike[str], global_name: str) -> None:
+        self.global_name = global_name
+        super().__init__(
+            path,
+            f"references {global_name}, which a torch distributed checkpoint's .metadata never "
+            "does (it may be a code-running payload); ckptd refuses the checkpoint and runs "
+            "none of it.",
+            "Check where this folder came from; ckptd will not consolidate or delete it.",
+        )
+
+
 class CheckpointChangedError(SlimError):
     """The file changed (or vanished) while it was being read; read it again later."""
 

@@ -95,3 +95,34 @@ DEEPSPEED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         ("deepspeed.utils.tensor_fragment", "fragment_address"),
     }
 )
+
+# Globals a torch distributed checkpoint's ``.metadata`` may reference (torch 2.4-2.13's
+# ``torch.distributed.checkpoint.metadata`` dataclasses, pickled by ``FileSystemWriter.finish``).
+# Separate from ``ALLOWED_GLOBALS``: none of these may appear in an artifact, and the artifact's
+# tensor rebuild functions have no business in a ``.metadata``. ``slim/dcp_metadata.py`` reads
+# the records as inert values and never builds any of them; ``pathlib.PosixPath`` is
+# ``StorageMeta.checkpoint_id``, which is ignored.
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+DCP_METADATA_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {
+        *(
+            (_DCP_METADATA, name)
+            for name in (
+                "Metadata",
+                "TensorStorageMetadata",
+                "BytesStorageMetadata",
+                "ChunkStorageMetadata",
+                "TensorProperties",
+                "MetadataIndex",
+                "StorageMeta",
+                "_MEM_FORMAT_ENCODING",
+            )
+        ),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.distributed.checkpoint.metadata", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        *(("torch", name) for name in _DTYPES),
+    }
+)

@@ -36,21 +36,28 @@ class ShardedFormat:
 
 def _formats() -> tuple[ShardedFormat, ...]:
     # Imported here so that a layout importing this module does not pay for every format.
-    from ckptd.slim import deepspeed
+    from ckptd.slim import dcp, dcp_writer, deepspeed
 
-    found: list[ShardedFormat] = [
+    found: list[ShardedFormat] = []
+
+    found.append(
         ShardedFormat(
-            "deepspeed",
-            deepspeed.recognise,
-            deepspeed.complete,
-            lambda fmt: (
-                deepspeed.DeepSpeedSafetensors()
-                if fmt == "safetensors"
-                else deepspeed.DeepSpeedConsolidate()
-            ),
-            lambda fmt: ".safetensors" if fmt == "safetensors" else ".pth",
-        ),
-    ]
+            kind="dcp",
+            recognise=dcp.recognise,
+            complete=dcp.complete,
+            writer=dcp_writer.DcpConsolidation,
+            suffix=dcp_writer.output_suffix,
+        )
+    )
+    found.append(
+        ShardedFormat(
+            kind="deepspeed",
+            recognise=deepspeed.recognise,
+            complete=deepspeed.complete,
+            writer=deepspeed.writer,
+            suffix=deepspeed.output_suffix,
+        )
+    )
     return tuple(found)
 
 

@@ -15,7 +15,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 from ckptd.core.cancel import CancelToken
 from ckptd.core.model import FileStat
@@ -115,10 +115,6 @@ class CheckpointSource:
             raise MissingKeysError(self.path, keep, [str(k) for k in self.mapping])
         return kept, tuple(str(k) for k in self.mapping if k not in keep)
 
-    def record_name(self, name: str) -> str:
-        """Where a copied record ``data/<name>`` lies, for messages."""
-        return f"{self.archive.prefix}/data/{name}"
-
     def small_record(self, name: str) -> bytes | None:
         if name not in self.archive.entries:
             return None
@@ -189,18 +185,8 @@ def scalar_meta(value: Any) -> dict[str, Scalar]:
     }
 
 
-class OutputSource(Protocol):
-    """What ``write_output`` needs of what it writes from: a file or a folder of shards."""
-
-    path: Path
-
-    def check_unchanged(self) -> None: ...
-
-    def record_name(self, name: str) -> str: ...
-
-
 def write_output(
-    source: OutputSource,
+    source: CheckpointSource,
     dest_dir: Path,
     final_name: str | Callable[[str], str],
     staged_suffix: str,
@@ -224,7 +210,7 @@ def write_output(
             except CrcMismatch as exc:
                 source.check_unchanged()
                 raise CorruptCheckpointError(
-                    src, f"has a CRC mismatch in {source.record_name(exc.copy.name)}."
+                    src, f"has a CRC mismatch in {source.archive.prefix}/data/{exc.copy.name}."
                 ) from exc
             except EOFError as exc:
                 raise CheckpointChangedError(src, f"got shorter while being read: {exc}.") from exc
