@@ -38,8 +38,8 @@ def folder_complete(path: Path) -> tuple[bool | None, str]:
     if fmt is None:
         return False, "a folder that is no sharded checkpoint ckptd knows"
     done, why = fmt.complete(path)
-    if not done:
-        return False, why
+    if not done or fmt.kind == "deepspeed":  # DeepSpeedStrategy: the engine's own 'latest'
+        return done, why
     meta = path / META_FILE
     if meta.is_symlink() or looks_complete(meta) is not True:
         return False, f"no complete {META_FILE} yet (Lightning's rank 0 writes it last)"
@@ -51,6 +51,10 @@ def checkpoint_facts(path: Path, stat: FileStat) -> CkptFacts | None:
     if not path.is_dir() or path.is_symlink():
         return read_facts(path, stat)
     meta = path / META_FILE
+    if not meta.exists():  # DeepSpeedStrategy: the client state is in the model-states file
+        from ckptd.slim.deepspeed import client_state_file
+
+        meta = client_state_file(path) or meta
     try:
         meta_stat = FileStat.of(os.stat(meta, follow_symlinks=False))
     except OSError:
@@ -76,4 +80,7 @@ class FileOrFolder:
 
             lightning = DcpConsolidation(self.fmt, {"model": "state_dict"}, META_FILE)
             return lightning.write(request)
-        return fmt.writer(self.fmt).write(request)
+        from ckptd.slim.deepspeed import DeepSpeedConsolidation
+
+        # Lightning's convert_zero_checkpoint_to_fp32_state_dict drops its wrapper's prefix.
+        return DeepSpeedConsolidation(self.fmt, "_forward_module.").write(request)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -342,14 +343,34 @@ def _meta(model: dict[Any, Any], stage: int, world: int) -> dict[str, Scalar]:
     return meta
 
 
-def write_deepspeed(request: ArtifactRequest, fmt: str) -> WrittenArtifact:
-    """The consolidated artifact of the DeepSpeed checkpoint folder ``request.source``."""
+def client_state_file(folder: Path) -> Path | None:
+    """The rank-0 model-states file, which holds the trainer's client state (Lightning's
+    ``epoch``, ``global_step``, ``callbacks``; MMEngine's ``meta``), or None."""
+    try:
+        tag = tag_dir(folder)
+        return shard_paths(tag)[0] if tag is not None else None
+    except SlimError:
+        return None
+
+
+def _strip(name: str | None, prefix: str) -> str | None:
+    return name.removeprefix(prefix) if name is not None else None
+
+
+def write_deepspeed(request: ArtifactRequest, fmt: str, strip_prefix: str = "") -> WrittenArtifact:
+    """The consolidated artifact of the DeepSpeed checkpoint folder ``request.source``; tensor
+    names lose ``strip_prefix`` (Lightning's ``_forward_module.``, as its own converter does)."""
     started = time.perf_counter()
     tag = tag_dir(request.source)
     if tag is None:
         raise UnsupportedFormatError(request.source, "holds no DeepSpeed checkpoint folder.")
     before = tree_stat(request.source)
     reader, tensors, meta = read_consolidation(tag)
+    if strip_prefix:
+        tensors = [
+            replace(t, name=_strip(t.name, strip_prefix), same_as=_strip(t.same_as, strip_prefix))
+            for t in tensors
+        ]
     try:
         records = list(reader.records.values())
         for source in reader.files.sources:
@@ -380,11 +401,11 @@ class DeepSpeedConsolidation:
 
     kind: ClassVar[str] = "deepspeed consolidation"
 
-    def __init__(self, fmt: str = "torch") -> None:
-        self.fmt = fmt
+    def __init__(self, fmt: str = "torch", strip_prefix: str = "") -> None:
+        self.fmt, self.strip_prefix = fmt, strip_prefix
 
     def write(self, request: ArtifactRequest) -> WrittenArtifact:
-        return write_deepspeed(request, self.fmt)
+        return write_deepspeed(request, self.fmt, self.strip_prefix)
 
 
 writer = DeepSpeedConsolidation
