@@ -27,24 +27,7 @@ zero_to_fp32 = pytest.importorskip("deepspeed.utils.zero_to_fp32")
 
 HERE = Path(__file__).parent
 STAGES = (1, 2, 3)
-
-
-def save_real(out: Path, *args: str) -> None:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc-per-node", "2", str(HERE / "deepspeed_real.py"), str(out)]
-    done = subprocess.run(
-        [*cmd, *args], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def real(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """OUT/zero{1,2,3}/ with global_step2/ and global_step4/, written by DeepSpeed."""
-    out = tmp_path_factory.mktemp("deepspeed")
-    save_real(out, "--saves", "2")
-    return out
+# The ``deepspeed_saves`` fixture (tests/trainers/conftest.py) is the folder of real saves.
 
 
 def consolidate(folder: Path, dest: Path, fmt: str = "torch") -> Path:
@@ -65,11 +48,11 @@ def load(path: Path) -> dict:
 @pytest.mark.parametrize("fmt", ["torch", "safetensors"])
 @pytest.mark.parametrize("stage", STAGES)
 def test_real_engine_consolidation_equals_deepspeeds_own(
-    real: Path, tmp_path: Path, stage: int, fmt: str
+    deepspeed_saves: Path, tmp_path: Path, stage: int, fmt: str
 ) -> None:
-    save_dir = real / f"zero{stage}"
+    save_dir = deepspeed_saves / f"zero{stage}"
     expected = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(save_dir))
-    for folder in (save_dir, save_dir / "global_step4"):  # via 'latest', and the tag itself
+    for folder in (save_dir, save_dir / "global_step6"):  # via 'latest', and the tag itself
         got = load(consolidate(folder, tmp_path, fmt))
         assert list(got) == list(expected)
         for key, tensor in expected.items():
@@ -81,27 +64,27 @@ def test_real_engine_consolidation_equals_deepspeeds_own(
     assert all(torch.equal(older[k], v) for k, v in expected2.items())
 
 
-def test_real_engine_meta_and_tied_weights(real: Path, tmp_path: Path) -> None:
-    saved = torch.load(consolidate(real / "zero3", tmp_path), weights_only=True)
+def test_real_engine_meta_and_tied_weights(deepspeed_saves: Path, tmp_path: Path) -> None:
+    saved = torch.load(consolidate(deepspeed_saves / "zero3", tmp_path), weights_only=True)
     assert saved["meta"]["zero_stage"] == 3 and saved["meta"]["dp_world_size"] == 2
-    assert saved["meta"]["global_steps"] == 4 and saved["meta"]["epoch"] == 1
+    assert saved["meta"]["global_steps"] == 6 and saved["meta"]["epoch"] == 3
     sd = saved["state_dict"]
     assert sd["head.weight"].data_ptr() == sd["embed.weight"].data_ptr()  # tied, as torch.save
     assert sd["scale"].dtype == torch.float32 and sd["seen"].dtype == torch.int64
 
 
-def test_real_engine_folders_are_complete_and_every_shard_counts(real: Path) -> None:
-    fmt = sharded_format(real / "zero3")
+def test_real_engine_folders_are_complete_and_every_shard_counts(deepspeed_saves: Path) -> None:
+    fmt = sharded_format(deepspeed_saves / "zero3")
     assert fmt is not None
     for stage in STAGES:
-        assert fmt.complete(real / f"zero{stage}") == (True, "")
-        assert fmt.complete(real / f"zero{stage}" / "global_step2") == (True, "")
+        assert fmt.complete(deepspeed_saves / f"zero{stage}") == (True, "")
+        assert fmt.complete(deepspeed_saves / f"zero{stage}" / "global_step2") == (True, "")
 
 
-def broken_copy(real: Path, tmp_path: Path, stage: int = 3) -> Path:
+def broken_copy(deepspeed_saves: Path, tmp_path: Path, stage: int = 3) -> Path:
     copy = tmp_path / "save_dir"
-    shutil.copytree(real / f"zero{stage}", copy)
-    return copy / "global_step4"
+    shutil.copytree(deepspeed_saves / f"zero{stage}", copy)
+    return copy / "global_step6"
 
 
 def assert_refused(folder: Path, dest: Path, error: type[SlimError], *words: str) -> SlimError:
@@ -128,9 +111,9 @@ class Payload:
 
 @pytest.mark.parametrize("which", ["zero_pp_rank_0_mp_rank_00_model_states.pt", "optim"])
 def test_hostile_code_running_payload_is_refused_unrun(
-    real: Path, tmp_path: Path, which: str
+    deepspeed_saves: Path, tmp_path: Path, which: str
 ) -> None:
-    tag = broken_copy(real, tmp_path)
+    tag = broken_copy(deepspeed_saves, tmp_path)
     name = which if which != "optim" else "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
     marker = tmp_path / "code-ran"
     state = torch.load(tag / name, weights_only=False)
@@ -143,8 +126,8 @@ def test_hostile_code_running_payload_is_refused_unrun(
     assert not marker.exists()
 
 
-def test_missing_shard_is_incomplete_and_refused(real: Path, tmp_path: Path) -> None:
-    tag = broken_copy(real, tmp_path)
+def test_missing_shard_is_incomplete_and_refused(deepspeed_saves: Path, tmp_path: Path) -> None:
+    tag = broken_copy(deepspeed_saves, tmp_path)
     (tag / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     fmt = sharded_format(tag)
     assert fmt is not None
@@ -155,8 +138,8 @@ def test_missing_shard_is_incomplete_and_refused(real: Path, tmp_path: Path) -> 
     assert_refused(tag, out, CorruptCheckpointError, str(tag), "rank 1")
 
 
-def test_short_shard_is_incomplete_and_refused(real: Path, tmp_path: Path) -> None:
-    tag = broken_copy(real, tmp_path)
+def test_short_shard_is_incomplete_and_refused(deepspeed_saves: Path, tmp_path: Path) -> None:
+    tag = broken_copy(deepspeed_saves, tmp_path)
     shard = tag / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
     os.truncate(shard, shard.stat().st_size - 300)
     fmt = sharded_format(tag)
@@ -168,8 +151,8 @@ def test_short_shard_is_incomplete_and_refused(real: Path, tmp_path: Path) -> No
     assert_refused(tag, out, CorruptCheckpointError, shard.name)
 
 
-def test_damaged_shard_bytes_fail_the_crc(real: Path, tmp_path: Path) -> None:
-    tag = broken_copy(real, tmp_path, stage=2)
+def test_damaged_shard_bytes_fail_the_crc(deepspeed_saves: Path, tmp_path: Path) -> None:
+    tag = broken_copy(deepspeed_saves, tmp_path, stage=2)
     shard = tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
     from ckptd.slim.source import CheckpointSource
     from ckptd.slim.tensors import tensor_view
@@ -192,9 +175,11 @@ def test_damaged_shard_bytes_fail_the_crc(real: Path, tmp_path: Path) -> None:
     assert shard.name in str(caught.value) and "CRC" in str(caught.value)
 
 
-@pytest.mark.parametrize("tag", ["../../outside", "/etc", "global_step4/../../x"])
-def test_latest_naming_a_folder_outside_is_refused(real: Path, tmp_path: Path, tag: str) -> None:
-    save_dir = broken_copy(real, tmp_path).parent
+@pytest.mark.parametrize("tag", ["../../outside", "/etc", "global_step6/../../x"])
+def test_latest_naming_a_folder_outside_is_refused(
+    deepspeed_saves: Path, tmp_path: Path, tag: str
+) -> None:
+    save_dir = broken_copy(deepspeed_saves, tmp_path).parent
     (save_dir / "latest").write_text(tag)
     fmt = sharded_format(save_dir)
     assert fmt is not None
@@ -205,15 +190,29 @@ def test_latest_naming_a_folder_outside_is_refused(real: Path, tmp_path: Path, t
     assert_refused(save_dir, out, SlimError, "latest", "outside")
 
 
-def test_cli_slim_folder_is_the_streaming_zero_to_fp32(real: Path, tmp_path: Path) -> None:
+def test_cli_slim_folder_is_the_streaming_zero_to_fp32(
+    deepspeed_saves: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "model.safetensors"
     env = {**os.environ, "PYTHONPATH": str(HERE.parent.parent)}
     done = subprocess.run(
-        [sys.executable, "-m", "ckptd", "slim", str(real / "zero2"), "-o", str(out),
+        [sys.executable, "-m", "ckptd", "slim", str(deepspeed_saves / "zero2"), "-o", str(out),
          "--format", "safetensors"],
         env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    expected = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(real / "zero2"))
+    expected = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_saves / "zero2"))
     got = load(out)
     assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+def test_a_tag_newer_than_latest_is_still_being_saved(
+    deepspeed_saves: Path, tmp_path: Path
+) -> None:
+    tag = broken_copy(deepspeed_saves, tmp_path)  # global_step6
+    (tag.parent / "latest").write_text("global_step4")  # rank 0 has not written it yet
+    fmt = sharded_format(tag)
+    assert fmt is not None
+    ok, why = fmt.complete(tag)
+    assert not ok and "global_step4" in why
+    assert fmt.complete(tag.parent / "global_step2") == (True, "")
