@@ -100,3 +100,47 @@ def test_hf_checkpoint_of_zero3_run_is_consolidated_documented_format(
     assert entry["source_checkpoint"] == "checkpoint-2" and entry["file"].endswith(".pth")
     saved = torch.load(out / "best" / entry["file"], weights_only=True)
     assert_equal_state_dicts(saved["state_dict"], expected)
+
+
+def test_deepspeed_save_dir_on_its_own(deepspeed_saves: Path, tmp_path: Path) -> None:
+    from ckptd.layouts import detect_layouts
+    from ckptd.layouts.deepspeed import DeepSpeedLayout
+
+    out = work_dir(deepspeed_saves, tmp_path, "zero2")
+    assert detect_layouts(out) == ["deepspeed"]
+    layout = DeepSpeedLayout()
+    candidates, skipped = layout.list_checkpoints(out)
+    names = {c.name for c in candidates}
+    assert names == {"global_step2", "global_step4", "global_step6"} and not skipped
+    assert layout.resume_target(out, names) == ("global_step6", "")
+    assert all(layout.format_check(out / n) == (True, "") for n in names)
+    (out / "latest").write_text("global_step4")  # global_step6 is being saved
+    assert layout.format_check(out / "global_step6")[0] is False
+    assert "[deepspeed]" in once_ok(tmp_path)
+
+
+def test_hostile_best_folder_holds_every_deletion(deepspeed_saves: Path, tmp_path: Path) -> None:
+    from tests.helpers import cli, write_config
+
+    out = work_dir(deepspeed_saves, tmp_path, "mmengine")
+    shard = out / "epoch_1.pth" / "zero_pp_rank_1_mp_rank_00_model_states.pt"
+    state = torch.load(shard, weights_only=False)
+    marker = tmp_path / "code-ran"
+    state["message_hub"] = Payload(marker)
+    torch.save(state, shard)
+    write_config(tmp_path, retention={"keep_last": 1})
+    code, text, err = cli("once", "-c", str(tmp_path / "ckptd.yaml"))
+    assert code != 0 and shard.name in text + err and "message_hub" in text + err
+    assert sorted(p.name for p in out.glob("epoch_*.pth")) == [
+        "epoch_1.pth", "epoch_2.pth", "epoch_3.pth"]  # fmt: skip
+    assert not marker.exists()
+
+
+class Payload:
+    """Runs ``touch MARKER`` when unpickled by a loader that executes pickled calls."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
