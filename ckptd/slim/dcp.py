@@ -114,18 +114,24 @@ def complete(folder: Path) -> tuple[bool, str]:
             return False, f"refused: {exc.reason}"
         except OSError as exc:
             return False, f"{METADATA_FILE} cannot be read ({exc.strerror})"
-        for name, need in sorted(meta.files().items()):
-            try:
-                fst = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                return False, f"{name}, named by {METADATA_FILE}, is missing"
-            if not statmod.S_ISREG(fst.st_mode):
-                return False, f"{name} is not a regular file; left alone"
-            if fst.st_size < need:
-                return False, f"{name} is {fst.st_size} bytes; {METADATA_FILE} says {need}"
-        return True, ""
+        problem = _shard_problem(dir_fd, meta)
+        return (False, problem[1]) if problem else (True, "")
     finally:
         os.close(dir_fd)
+
+
+def _shard_problem(dir_fd: int, meta: DcpMetadata) -> tuple[str, str] | None:
+    """(file, why) of the first file ``.metadata`` names that is missing or short, or None."""
+    for name, need in sorted(meta.files().items()):
+        try:
+            fst = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return name, f"{name}, named by {METADATA_FILE}, is missing"
+        if not statmod.S_ISREG(fst.st_mode):
+            return name, f"{name} is not a regular file; left alone"
+        if fst.st_size < need:
+            return name, f"{name} is {fst.st_size} bytes; {METADATA_FILE} says {need}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,10 +172,13 @@ class DcpFolder:
         self.fds: dict[str, int] = {}
         try:
             self.stat = self._tree_stat()
-            ok, why = complete(path)
-            if not ok:
-                raise CheckpointChangedError(path, f"is not a complete checkpoint: {why}.")
-            self.meta = _metadata(path, self.dir_fd)
+            try:
+                self.meta = _metadata(path, self.dir_fd)
+            except FileNotFoundError as exc:
+                raise CheckpointChangedError(path, f"has no {METADATA_FILE} (yet).") from exc
+            problem = _shard_problem(self.dir_fd, self.meta)
+            if problem:
+                raise CorruptCheckpointError(path / problem[0], f"is not usable: {problem[1]}.")
             for name in self.meta.files():
                 self.fds[name] = os.open(name, _FILE_FLAGS, dir_fd=self.dir_fd)
             self._first: SourceArchive | None = None
