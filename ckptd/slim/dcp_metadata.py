@@ -12,6 +12,7 @@ are (file, offset, length) and ``planner_data`` (the nested key path of each fla
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,7 +272,7 @@ def _check_tiling(meta: TensorMeta, stored: dict[tuple[str, Any], Stored]) -> No
     chunks = [c for c in meta.chunks if math.prod(c.sizes)]
     if all(c.sizes[1:] == meta.size[1:] for c in chunks):  # row blocks: neighbours suffice
         chunks.sort(key=lambda c: c.offsets[:1])
-        pairs = list(zip(chunks, chunks[1:], strict=False))
+        pairs = list(itertools.pairwise(chunks))
     else:
         pairs = [(a, b) for i, a in enumerate(chunks) for b in chunks[i + 1 :]]
     for a, b in pairs:
