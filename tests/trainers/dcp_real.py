@@ -19,6 +19,10 @@ writes each into ``OUT/<mode>`` in one launch):
   ("The strategy `fsdp` requires a GPU accelerator"), so this is Lightning's save code driven
   by hand, not a ``Trainer.fit``.
 
+``--then-wait-for FILE`` keeps the ranks alive after the other modes (``OUT/.static-done``
+says they are done) until FILE names a folder path, then writes that Lightning folder with
+rank 1 delayed: a test gets a rank still writing without paying for another launch.
+
 ``--delay-rank1 S`` makes rank 1 wait S seconds before writing its shard (``FileSystemWriter.
 write_data`` wrapped), so a test can watch the folder while one rank is done and one is not.
 """
@@ -143,12 +147,28 @@ def lightning(out: Path, name: str = "epoch=1-step=20.ckpt") -> None:
     strategy.save_checkpoint(checkpoint, out / name)
 
 
+def _wait_for(path: Path, timeout: float = 1800) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = path.read_text().strip() if path.exists() else ""
+        if text:
+            return text
+        time.sleep(0.1)
+    return "skip"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=("fsdp2", "dtensor", "plain", "lightning", "all"))
     parser.add_argument("out", type=Path)
     parser.add_argument("--name", default="epoch=1-step=20.ckpt", help="lightning's folder")
     parser.add_argument("--delay-rank1", type=float, default=0.0)
+    parser.add_argument(
+        "--then-wait-for",
+        type=Path,
+        help="after the other modes, wait for this file to name a folder, then write a "
+        "Lightning folder there with rank 1 delayed (--delay-rank1); 'skip' ends the run",
+    )
     args = parser.parse_args()
     if args.mode == "plain":
         plain(args.out)
@@ -156,7 +176,7 @@ def main() -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    if args.delay_rank1:
+    if args.delay_rank1 and not args.then_wait_for:
         _slow_rank1(args.delay_rank1)
     try:
         if args.mode in ("fsdp2", "all"):
@@ -168,6 +188,15 @@ def main() -> None:
         if args.mode == "all" and dist.get_rank() == 0:
             plain(args.out / "plain")
         dist.barrier()
+        if args.then_wait_for:
+            if dist.get_rank() == 0:
+                (args.out / ".static-done").touch()
+            target = _wait_for(args.then_wait_for)
+            if target != "skip":
+                _slow_rank1(args.delay_rank1)
+                target_path = Path(target)
+                lightning(target_path.parent, target_path.name)
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 

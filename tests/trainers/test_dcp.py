@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +33,47 @@ CKPTS = "lightning_logs/version_0/checkpoints"
 pytestmark = pytest.mark.trainer
 
 
-def torchrun(*args: str, background: bool = False) -> subprocess.Popen[bytes] | None:
+def torchrun(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    """``torchrun`` of the harness in the background, its output in ``log`` (not a pipe that
+    could fill up while nobody reads it)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     command += ["--standalone", str(HARNESS), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    if background:
-        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    result = subprocess.run(command, env=env, capture_output=True, timeout=600)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:].decode()
-    return None
+    with log.open("wb") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def tail(log: Path) -> str:
+    return log.read_bytes()[-4000:].decode(errors="replace")
 
 
 @pytest.fixture(scope="session")
-def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def launch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, Any]]:
+    """One torchrun launch for the session: the checkpoints of every mode, then the ranks
+    wait to write a staggered Lightning folder where ``go`` says (or 'skip')."""
     out = tmp_path_factory.mktemp("dcp")
-    torchrun("all", str(out))
-    return out
+    go = out / ".go"
+    log = out.parent / "torchrun.log"
+    proc = torchrun("all", str(out), "--then-wait-for", str(go), "--delay-rank1", "6", log=log)
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / ".static-done").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, tail(log)
+            time.sleep(0.2)
+        yield out, go, proc
+    finally:
+        if not go.exists():
+            go.write_text("skip")
+        try:
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+@pytest.fixture(scope="session")
+def written(launch: tuple[Path, Path, Any]) -> Path:
+    return launch[0]
 
 
 def copy_of(written: Path, name: str, dest: Path) -> Path:
@@ -244,8 +270,9 @@ def test_broken_folder_in_a_work_dir_is_never_deleted(
 
 
 def test_folder_is_neither_read_nor_deleted_until_metadata_lands(
-    written: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    launch: tuple[Path, Path, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    written, go, proc = launch
     work_dir = lightning_work_dir(written, tmp_path, [10, 20])
     write_config(tmp_path, best={"metric": "val_loss"}, retention={"keep_last": 1})
     opened: list[Path] = []
@@ -257,30 +284,20 @@ def test_folder_is_neither_read_nor_deleted_until_metadata_lands(
 
     monkeypatch.setattr(dcp.DcpFolder, "__init__", recording)
     new = work_dir / CKPTS / "epoch=9-step=99.ckpt"
-    proc = torchrun(
-        "lightning", str(work_dir / CKPTS), "--name", new.name, "--delay-rank1", "6",
-        background=True,
-    )  # fmt: skip
-    assert proc is not None
-    try:
-        deadline = time.monotonic() + 120
-        while not (new / "__0_0.distcp").exists():  # rank 0 done, rank 1 still waiting
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
-        passes = 0
-        while not (new / ".metadata").exists() and passes < 3:
-            code, out, err = cli("once", "-c", str(tmp_path / "ckptd.yaml"))
-            assert code == 0, out + err
-            assert new.is_dir() and "no .metadata yet" in out, out
-            assert not any(p.name == new.name for p in opened)
-            passes += 1
-        assert passes, "rank 1 finished before ckptd could look"
-        assert proc.wait(timeout=180) == 0, (
-            proc.stdout.read().decode()[-3000:] if proc.stdout else ""
-        )
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    go.write_text(str(new))  # the session's ranks write it now, rank 1 six seconds late
+    deadline = time.monotonic() + 120
+    while not (new / "__0_0.distcp").exists():  # rank 0 done, rank 1 still waiting
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    passes = 0
+    while not (new / ".metadata").exists() and passes < 3:
+        code, out, err = cli("once", "-c", str(tmp_path / "ckptd.yaml"))
+        assert code == 0, out + err
+        assert new.is_dir() and "no .metadata yet" in out, out
+        assert not any(p.name == new.name for p in opened)
+        passes += 1
+    assert passes, "rank 1 finished before ckptd could look"
+    assert proc.wait(timeout=180) == 0, tail(written.parent / "torchrun.log")
     code, out, err = cli("once", "-c", str(tmp_path / "ckptd.yaml"))
     assert code == 0, out + err
     assert new.name in out and "no .metadata yet" not in out, out
