@@ -303,3 +303,16 @@ def test_folder_is_neither_read_nor_deleted_until_metadata_lands(
     assert new.name in out and "no .metadata yet" not in out, out
     assert new.name in os.listdir(work_dir / CKPTS)  # the newest complete one now
     assert not (work_dir / CKPTS / "epoch=1-step=10.ckpt").exists()
+
+
+def test_lightning_save_code_folder_waits_for_meta_pt(written: Path, tmp_path: Path) -> None:
+    """Lightning's rank 0 writes meta.pt after the shards and .metadata: until then the folder
+    is not complete, and retention leaves it alone."""
+    work_dir = lightning_work_dir(written, tmp_path, [10, 20, 30])
+    waiting = work_dir / CKPTS / "epoch=1-step=10.ckpt"
+    (waiting / "meta.pt").unlink()
+    write_config(tmp_path, best={"metric": "val_loss"}, retention={"keep_last": 1})
+    code, out, err = cli("once", "-c", str(tmp_path / "ckptd.yaml"))
+    assert code == 0, out + err
+    assert waiting.is_dir() and "no complete meta.pt yet" in out, out
+    assert not (work_dir / CKPTS / "epoch=2-step=20.ckpt").exists()
