@@ -38,7 +38,7 @@ def folder_complete(path: Path) -> tuple[bool | None, str]:
     if fmt is None:
         return False, "a folder that is no sharded checkpoint ckptd knows"
     done, why = fmt.complete(path)
-    if not done or fmt.kind == "deepspeed":  # DeepSpeedStrategy: the engine's own 'latest'
+    if not done or fmt.kind != "dcp":  # DeepSpeedStrategy keeps its client state in its shards
         return done, why
     meta = path / META_FILE
     if meta.is_symlink() or looks_complete(meta) is not True:

@@ -8,8 +8,8 @@ file it names has at least the bytes it says; a rank still writing is never read
 
 ``DcpFolder`` holds a complete folder open (the folder and each rank file by fd, never through
 a symlink; re-checked by its ``tree_stat``) and turns each tensor into ``TensorPlan``: its
-chunks' byte ranges in the rank files, checked to tile the tensor exactly (overlaps and gaps
-are refused, naming the files), in the order they land in the unsharded tensor.
+chunks' byte ranges in the rank files (``dcp_metadata`` refuses chunks that overlap or leave
+gaps, naming the files), in the order they land in the unsharded tensor.
 Dim-0 chunks (FSDP2 ``fully_shard``) are contiguous byte ranges of the output, copied in the
 kernel with the chunk's own CRC verified on the output; any other chunking is gathered run by
 run (``RunGather``), in bounded buffers.
@@ -114,18 +114,24 @@ def complete(folder: Path) -> tuple[bool, str]:
             return False, f"refused: {exc.reason}"
         except OSError as exc:
             return False, f"{METADATA_FILE} cannot be read ({exc.strerror})"
-        for name, need in sorted(meta.files().items()):
-            try:
-                fst = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                return False, f"{name}, named by {METADATA_FILE}, is missing"
-            if not statmod.S_ISREG(fst.st_mode):
-                return False, f"{name} is not a regular file; left alone"
-            if fst.st_size < need:
-                return False, f"{name} is {fst.st_size} bytes; {METADATA_FILE} says {need}"
-        return True, ""
+        problem = _shard_problem(dir_fd, meta)
+        return (False, problem[1]) if problem else (True, "")
     finally:
         os.close(dir_fd)
+
+
+def _shard_problem(dir_fd: int, meta: DcpMetadata) -> tuple[str, str] | None:
+    """(file, why) of the first file ``.metadata`` names that is missing or short, or None."""
+    for name, need in sorted(meta.files().items()):
+        try:
+            fst = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return name, f"{name}, named by {METADATA_FILE}, is missing"
+        if not statmod.S_ISREG(fst.st_mode):
+            return name, f"{name} is not a regular file; left alone"
+        if fst.st_size < need:
+            return name, f"{name} is {fst.st_size} bytes; {METADATA_FILE} says {need}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,10 +172,13 @@ class DcpFolder:
         self.fds: dict[str, int] = {}
         try:
             self.stat = self._tree_stat()
-            ok, why = complete(path)
-            if not ok:
-                raise CheckpointChangedError(path, f"is not a complete checkpoint: {why}.")
-            self.meta = _metadata(path, self.dir_fd)
+            try:
+                self.meta = _metadata(path, self.dir_fd)
+            except FileNotFoundError as exc:
+                raise CheckpointChangedError(path, f"has no {METADATA_FILE} (yet).") from exc
+            problem = _shard_problem(self.dir_fd, self.meta)
+            if problem:
+                raise CorruptCheckpointError(path / problem[0], f"is not usable: {problem[1]}.")
             for name in self.meta.files():
                 self.fds[name] = os.open(name, _FILE_FLAGS, dir_fd=self.dir_fd)
             self._first: SourceArchive | None = None
@@ -239,7 +248,8 @@ class DcpFolder:
         return root
 
     def tensor(self, meta: TensorMeta) -> TensorPlan:
-        """The chunks of ``meta`` with their byte ranges, checked to tile it exactly."""
+        """The chunks of ``meta`` with their byte ranges (``dcp_metadata`` checked that they
+        tile the tensor exactly); row blocks in output order."""
         if meta.nbytes == 0:
             return TensorPlan(meta, (), True)
         chunks = [self._chunk(meta, c.offsets, c.sizes) for c in meta.chunks]
@@ -247,37 +257,7 @@ class DcpFolder:
         rows = all(c.sizes[1:] == meta.size[1:] for c in chunks)
         if rows:
             chunks.sort(key=lambda c: c.offsets[:1])
-            end = 0
-            for c in chunks:
-                start = c.offsets[0] if c.offsets else 0
-                self._check_abut(meta, end, start, c, unit="row")
-                end = start + (c.sizes[0] if c.sizes else 1)
-            self._check_abut(meta, end, meta.size[0] if meta.size else 1, None, unit="row")
-        else:
-            end = 0
-            for start, length, c, _ in _runs(meta, chunks):
-                self._check_abut(meta, end, start, c, unit="byte")
-                end = start + length
-            self._check_abut(meta, end, meta.nbytes, None, unit="byte")
         return TensorPlan(meta, tuple(chunks), rows)
-
-    def _check_abut(
-        self, meta: TensorMeta, end: int, start: int, chunk: ChunkSource | None, unit: str
-    ) -> None:
-        if start == end:
-            return
-        where = self.path / chunk.file if chunk else self.path / METADATA_FILE
-        if start < end:
-            raise CorruptCheckpointError(
-                where,
-                f"holds a chunk of {meta.fqn!r} (at {chunk.offsets if chunk else '?'}, "
-                f"size {chunk.sizes if chunk else '?'}) that overlaps another rank's chunk "
-                f"({unit} {start} is before {end}); ckptd consolidates only chunks that tile "
-                "the tensor exactly.",
-            )
-        raise CorruptCheckpointError(
-            where, f"leaves {unit}s {end}..{start} of {meta.fqn!r} in no chunk."
-        )
 
     def _chunk(
         self, meta: TensorMeta, offsets: tuple[int, ...], sizes: tuple[int, ...]
@@ -379,12 +359,19 @@ class RunGather:
         self.size = plan.nbytes
         self.where = where
 
+    def _pieces(self) -> Iterator[tuple[ChunkSource, bytes]]:
+        """The tensor's bytes in output order, at most ``_GATHER_BUFFER`` per read."""
+        for _, length, c, at in _runs(self.plan.meta, list(self.plan.chunks)):
+            for start in range(0, length, _GATHER_BUFFER):
+                n = min(_GATHER_BUFFER, length - start)
+                data = os.pread(c.fd, n, c.offset + at + start)
+                if len(data) != n:
+                    raise CheckpointChangedError(self.where / c.file, "got shorter while read.")
+                yield c, data
+
     def chunks(self, src_fd: int) -> Iterator[bytearray]:
         buffer = bytearray()
-        for _, length, c, at in _runs(self.plan.meta, list(self.plan.chunks)):
-            data = os.pread(c.fd, length, c.offset + at)
-            if len(data) != length:
-                raise EOFError(f"{c.file} ended inside a chunk of {self.plan.meta.fqn!r}")
+        for _, data in self._pieces():
             buffer += data
             if len(buffer) >= _GATHER_BUFFER:
                 yield buffer
@@ -396,10 +383,7 @@ class RunGather:
         """The output CRC, and each chunk's own CRC checked on the way (one read of the data)."""
         crc = 0
         by_chunk: dict[int, int] = {}
-        for _, length, c, at in _runs(self.plan.meta, list(self.plan.chunks)):
-            data = os.pread(c.fd, length, c.offset + at)
-            if len(data) != length:
-                raise CheckpointChangedError(self.where / c.file, "got shorter while being read.")
+        for c, data in self._pieces():
             crc = zlib.crc32(data, crc)
             by_chunk[id(c)] = zlib.crc32(data, by_chunk.get(id(c), 0))
         for c in self.plan.chunks:

@@ -12,6 +12,7 @@ are (file, offset, length) and ``planner_data`` (the nested key path of each fla
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,9 +100,7 @@ def read_metadata(folder: Path, data: bytes) -> DcpMetadata:
     try:
         return _metadata(root)
     except BadMetadata as exc:
-        raise CorruptCheckpointError(
-            path, f"is not a torch distributed checkpoint: {exc}."
-        ) from exc
+        raise CorruptCheckpointError(path, f"is refused: {exc}.") from exc
     except _Unsupported as exc:
         raise UnsupportedFormatError(path, str(exc)) from exc
 
@@ -257,7 +256,36 @@ def _metadata(root: Any) -> DcpMetadata:
         for chunk in meta.chunks:
             if (meta.fqn, chunk.offsets) not in stored:
                 raise BadMetadata(f"chunk {chunk.offsets} of {meta.fqn!r} has no storage")
+        _check_tiling(meta, stored)
     return DcpMetadata(tensors, tuple(byte_items), stored, _paths(fields.get("planner_data"), sd))
+
+
+def _overlap(a: Chunk, b: Chunk) -> bool:
+    return all(
+        ao < bo + bn and bo < ao + an
+        for ao, an, bo, bn in zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True)
+    )
+
+
+def _check_tiling(meta: TensorMeta, stored: dict[tuple[str, Any], Stored]) -> None:
+    """The chunks must cover the tensor exactly once: no two overlap, none is missing."""
+    chunks = [c for c in meta.chunks if math.prod(c.sizes)]
+    if all(c.sizes[1:] == meta.size[1:] for c in chunks):  # row blocks: neighbours suffice
+        chunks.sort(key=lambda c: c.offsets[:1])
+        pairs = list(itertools.pairwise(chunks))
+    else:
+        pairs = [(a, b) for i, a in enumerate(chunks) for b in chunks[i + 1 :]]
+    for a, b in pairs:
+        if _overlap(a, b):
+            fa, fb = stored[meta.fqn, a.offsets].file, stored[meta.fqn, b.offsets].file
+            raise BadMetadata(
+                f"the chunk of {meta.fqn!r} at {a.offsets} in {fa} overlaps another rank's "
+                f"chunk (at {b.offsets} in {fb}); ckptd consolidates only chunks that tile "
+                "the tensor exactly"
+            )
+    covered, total = sum(math.prod(c.sizes) for c in chunks), math.prod(meta.size)
+    if covered != total:
+        raise BadMetadata(f"the chunks of {meta.fqn!r} cover {covered} of its {total} elements")
 
 
 def _paths(planner: Any, sd: dict[str, Any]) -> dict[str, tuple[str | int, ...]]:

@@ -138,7 +138,6 @@ class _Consolidation:
                         "Remove the key from artifact.keep_keys.",
                     )
                 self.tree[key] = value
-        self.plans: dict[str, TensorPlan] = {}
 
     def data(self, meta: TensorMeta) -> tuple[TensorPlan, list[Copy | Gather], int]:
         """A tensor's plan, the pieces that write its bytes from output offset 0, and its

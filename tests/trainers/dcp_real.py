@@ -5,7 +5,8 @@ a process group)::
 
     torchrun --nproc-per-node 2 tests/trainers/dcp_real.py MODE OUT [--delay-rank1 S]
 
-Modes (each writes one checkpoint folder ``OUT``, or ``OUT/<name>.ckpt`` folders):
+Modes (each writes one checkpoint folder ``OUT``, or ``OUT/<name>.ckpt`` folders; ``all``
+writes each into ``OUT/<mode>`` in one launch):
 
 - ``fsdp2``: a small MLP under FSDP2 ``fully_shard`` on a CPU device mesh, one Adam step, and
   ``dcp.save({"model": ..., "optim": ..., "epoch": 3})`` (dim-0 shards, uneven at the end).
@@ -18,8 +19,12 @@ Modes (each writes one checkpoint folder ``OUT``, or ``OUT/<name>.ckpt`` folders
   ("The strategy `fsdp` requires a GPU accelerator"), so this is Lightning's save code driven
   by hand, not a ``Trainer.fit``.
 
-``--delay-rank1 S`` makes rank 1 wait S seconds before writing its shard (a subclass of
-``FileSystemWriter``), so a test can watch the folder while one rank is done and one is not.
+``--then-wait-for FILE`` keeps the ranks alive after the other modes (``OUT/.static-done``
+says they are done) until FILE names a folder path, then writes that Lightning folder with
+rank 1 delayed: a test gets a rank still writing without paying for another launch.
+
+``--delay-rank1 S`` makes rank 1 wait S seconds before writing its shard (``FileSystemWriter.
+write_data`` wrapped), so a test can watch the folder while one rank is done and one is not.
 """
 
 from __future__ import annotations
@@ -31,20 +36,23 @@ import time
 from pathlib import Path
 
 
-def _writer(out: Path, delay: float):  # -> FileSystemWriter
+def _slow_rank1(delay: float) -> None:
+    """Rank 1 waits ``delay`` seconds before writing its shard, whoever calls dcp.save (also
+    Lightning's ``_distributed_checkpoint_save``, which passes no writer)."""
     import torch.distributed as dist
     from torch.distributed.checkpoint import FileSystemWriter
 
-    class SlowRank1(FileSystemWriter):
-        def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
-            if dist.get_rank() == 1:
-                time.sleep(delay)
-            return super().write_data(plan, planner)
+    original = FileSystemWriter.write_data
 
-    return SlowRank1(out)
+    def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
+        if dist.get_rank() == 1:
+            time.sleep(delay)
+        return original(self, plan, planner)
+
+    FileSystemWriter.write_data = write_data  # type: ignore[method-assign]
 
 
-def fsdp2(out: Path, delay: float) -> None:
+def fsdp2(out: Path) -> None:
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -65,7 +73,7 @@ def fsdp2(out: Path, delay: float) -> None:
     optim.step()
     model_sd, optim_sd = get_state_dict(model, optim)
     state = {"model": model_sd, "optim": optim_sd, "epoch": 3}
-    dcp.save(state, storage_writer=_writer(out, delay) if delay else None, checkpoint_id=out)
+    dcp.save(state, checkpoint_id=out)
 
 
 def dtensor(out: Path) -> None:
@@ -104,7 +112,7 @@ def plain(out: Path) -> None:
              checkpoint_id=out, no_dist=True)  # fmt: skip
 
 
-def lightning(out: Path) -> None:
+def lightning(out: Path, name: str = "epoch=1-step=20.ckpt") -> None:
     import lightning
     import torch
     from lightning.fabric.plugins.environments import TorchElasticEnvironment
@@ -136,14 +144,31 @@ def lightning(out: Path) -> None:
         "hparams_name": "kwargs",
         "hyper_parameters": {"hidden": 16, "lr": 0.01},
     }
-    strategy.save_checkpoint(checkpoint, out / "epoch=1-step=20.ckpt")
+    strategy.save_checkpoint(checkpoint, out / name)
+
+
+def _wait_for(path: Path, timeout: float = 1800) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = path.read_text().strip() if path.exists() else ""
+        if text:
+            return text
+        time.sleep(0.1)
+    return "skip"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("fsdp2", "dtensor", "plain", "lightning"))
+    parser.add_argument("mode", choices=("fsdp2", "dtensor", "plain", "lightning", "all"))
     parser.add_argument("out", type=Path)
+    parser.add_argument("--name", default="epoch=1-step=20.ckpt", help="lightning's folder")
     parser.add_argument("--delay-rank1", type=float, default=0.0)
+    parser.add_argument(
+        "--then-wait-for",
+        type=Path,
+        help="after the other modes, wait for this file to name a folder, then write a "
+        "Lightning folder there with rank 1 delayed (--delay-rank1); 'skip' ends the run",
+    )
     args = parser.parse_args()
     if args.mode == "plain":
         plain(args.out)
@@ -151,14 +176,27 @@ def main() -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
+    if args.delay_rank1 and not args.then_wait_for:
+        _slow_rank1(args.delay_rank1)
     try:
-        if args.mode == "fsdp2":
-            fsdp2(args.out, args.delay_rank1)
-        elif args.mode == "dtensor":
-            dtensor(args.out)
-        else:
-            lightning(args.out)
+        if args.mode in ("fsdp2", "all"):
+            fsdp2(args.out / "fsdp2" if args.mode == "all" else args.out)
+        if args.mode in ("dtensor", "all"):
+            dtensor(args.out / "dtensor" if args.mode == "all" else args.out)
+        if args.mode in ("lightning", "all"):
+            lightning(args.out / "lightning" if args.mode == "all" else args.out, args.name)
+        if args.mode == "all" and dist.get_rank() == 0:
+            plain(args.out / "plain")
         dist.barrier()
+        if args.then_wait_for:
+            if dist.get_rank() == 0:
+                (args.out / ".static-done").touch()
+            target = _wait_for(args.then_wait_for)
+            if target != "skip":
+                _slow_rank1(args.delay_rank1)
+                target_path = Path(target)
+                lightning(target_path.parent, target_path.name)
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
