@@ -116,7 +116,8 @@ class MMEngineLayout(Layout):
                 continue
             folder = entry.is_dir(follow_symlinks=False)
             if folder and not is_folder_checkpoint(Path(entry.path)):
-                skipped.append(Skipped(entry.name, "a folder of no sharded format ckptd knows"))
+                why = "not a regular file; nor a FlexibleRunner folder ckptd knows (yet)"
+                skipped.append(Skipped(entry.name, why))
                 continue
             if not folder and not entry.is_file(follow_symlinks=False):
                 skipped.append(Skipped(entry.name, "not a regular file"))
