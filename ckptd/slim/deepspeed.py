@@ -48,7 +48,7 @@ from ckptd.slim.pickle_allowlist import ALLOWED_GLOBALS, DEEPSPEED_GLOBALS
 from ckptd.slim.safepickle import Inert
 from ckptd.slim.safetensors_writer import check_globals
 from ckptd.slim.source import CheckpointSource, scalar_meta
-from ckptd.slim.tensors import NotATensor, as_mapping, tensor_view
+from ckptd.slim.tensors import ITEMSIZE, NotATensor, as_mapping, tensor_view
 from ckptd.slim.torchzip import looks_complete
 from ckptd.slim.zero_layout import LayoutMismatch, Part, zero2_params, zero3_frozen, zero3_params
 
@@ -306,7 +306,7 @@ def _plan(
         ]
         dtype = frags[0][0]
         parts = tuple(p for _, p in frags)
-        parts = zero3_frozen(name, shape, parts, _itemsize(dtype)) if stage == 3 else parts
+        parts = zero3_frozen(name, shape, parts, ITEMSIZE[dtype]) if stage == 3 else parts
         out[name] = OutTensor(name, dtype, shape, parts)
     shapes = [[(n, _shape(s)) for n, s in _mapping(g).items()] for g in model["param_shapes"]]
     key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
@@ -326,12 +326,6 @@ def _plan(
             t = out[owner]
             out[alias] = OutTensor(alias, t.dtype, t.shape, t.parts, t.source_dtype, owner)
     return list(out.values()), _meta(model, stage, len(optims))
-
-
-def _itemsize(dtype: str) -> int:
-    from ckptd.slim.tensors import ITEMSIZE
-
-    return ITEMSIZE[dtype]
 
 
 def _meta(model: dict[Any, Any], stage: int, world: int) -> dict[str, Scalar]:

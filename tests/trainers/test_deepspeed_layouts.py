@@ -144,3 +144,17 @@ class Payload:
 
     def __reduce__(self) -> tuple:
         return (os.system, (f"touch {self.marker}",))
+
+
+def test_hf_checkpoint_with_model_file_is_copied_not_consolidated(
+    deepspeed_saves: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    out = work_dir(deepspeed_saves, tmp_path, "hf")
+    weights = {"w": torch.arange(6.0)}  # ZeRO 1/2, or gathered 16-bit weights: a model file
+    save_file(weights, out / "checkpoint-2" / "model.safetensors")
+    once_ok(tmp_path)
+    entry = manifest(out / "best")["artifacts"]["eval_accuracy"]
+    artifact = out / "best" / entry["file"]
+    assert artifact.is_dir() and (artifact / "model.safetensors").is_file()

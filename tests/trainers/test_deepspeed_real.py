@@ -216,3 +216,25 @@ def test_a_tag_newer_than_latest_is_still_being_saved(
     ok, why = fmt.complete(tag)
     assert not ok and "global_step4" in why
     assert fmt.complete(tag.parent / "global_step2") == (True, "")
+
+
+@pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="needs /usr/bin/time")
+def test_consolidation_peak_rss_stays_under_64_mib(tmp_path: Path) -> None:
+    """A 128 MiB model (ZeRO 3, 2 ranks, DeepSpeed's format): the process's own peak RSS."""
+    save_dir = tmp_path / "save_dir"
+    repo = HERE.parent.parent
+    subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "make_deepspeed.py"), str(save_dir),
+         "--params", str(32 << 20), "--hidden", "512"],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    out = tmp_path / "model.pth"
+    done = subprocess.run(
+        ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "ckptd", "slim", str(save_dir),
+         "-o", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(repo)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    peak_kib = int(done.stderr.strip().splitlines()[-1])
+    assert out.stat().st_size > 128 << 20
+    assert peak_kib < 64 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
