@@ -115,8 +115,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="80 MB, 2 ranks, 1 round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mib", type=int, default=2200, help="checkpoint size (MiB)")
+    parser.add_argument("--ranks", default="2,4", help="comma-separated rank counts")
     args = parser.parse_args()
-    mib, rounds, cases = (80, 1, [2]) if args.quick else (args.mib, args.rounds, [2, 4])
+    ranks = [int(r) for r in args.ranks.split(",")]
+    mib, rounds, cases = (80, 1, [2]) if args.quick else (args.mib, args.rounds, ranks)
     header("DCP consolidation: ckptd slim vs dcp_to_torch_save", sys.argv)
     print(f"harness peak RSS {own_rss_mib():.0f} MiB (a floor for every child's ru_maxrss)")
     rows, verdicts = [], []
