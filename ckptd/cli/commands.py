@@ -101,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     slim.add_argument("checkpoint", type=Path)
     slim.add_argument("-o", "--output", type=Path, help="output file or folder")
     slim.add_argument(
-        "--keep-keys", default="meta,state_dict", help="comma-separated top-level keys to keep"
+        "--keep-keys",
+        default=None,
+        help="comma-separated top-level keys to keep ('?' after a key: if present); default "
+        "meta,state_dict for a file, model,meta? for a torch distributed checkpoint folder "
+        "(state_dict,hyper_parameters?,pytorch-lightning_version? for a Lightning one); "
+        "'all' keeps every key of a folder, as dcp_to_torch_save does",
     )
     slim.add_argument(
         "--hash-in-name", action="store_true", help="append -<sha256[:8]> like publish_model.py"
@@ -242,7 +247,9 @@ def cmd_slim(args: argparse.Namespace) -> int:
         if args.format == "safetensors"
         else (slim_checkpoint, ".pth")
     )
-    keep = tuple(k.strip() for k in args.keep_keys.split(",") if k.strip())
+    if args.checkpoint.is_dir() and not args.checkpoint.is_symlink():
+        return _slim_folder(args)
+    keep = tuple(k.strip() for k in (args.keep_keys or "meta,state_dict").split(",") if k.strip())
     if not keep:
         print("ckptd slim: --keep-keys needs at least one key", file=sys.stderr)
         return EXIT_USAGE
@@ -262,6 +269,68 @@ def cmd_slim(args: argparse.Namespace) -> int:
         return EXIT_ERRORS
     except OSError as exc:
         print(f"ckptd slim: {exc.filename or folder}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERRORS
+    print(
+        f"{result.path}  {format_size(result.size)} (from {format_size(size)})  "
+        f"sha256 {result.sha256}  kept {', '.join(result.kept_keys)}; dropped "
+        f"{', '.join(result.dropped_keys) or 'nothing'}  {result.seconds:.2f} s"
+    )
+    return EXIT_OK
+
+
+def _slim_folder(args: argparse.Namespace) -> int:
+    """``ckptd slim FOLDER``: a sharded checkpoint consolidated into one file (the streaming,
+    no-code-run replacement for ``dcp_to_torch_save``)."""
+    from ckptd.core.units import format_size
+    from ckptd.fs.delete import NotPlainTree, tree_stat
+    from ckptd.layouts.lightning import LightningLayout
+    from ckptd.layouts.lightning_sharded import META_FILE, folder_complete
+    from ckptd.present.progress import byte_progress
+    from ckptd.slim.artifact import ArtifactRequest
+    from ckptd.slim.dcp_writer import DcpConsolidation
+    from ckptd.slim.errors import SlimError
+    from ckptd.slim.sharded import sharded_format
+
+    folder: Path = args.checkpoint
+    fmt = sharded_format(folder)
+    if fmt is None:
+        print(
+            f"ckptd slim: {folder}: a folder, but no sharded checkpoint ckptd knows (a torch "
+            "distributed checkpoint has .metadata and __<rank>_<i>.distcp files)",
+            file=sys.stderr,
+        )
+        return EXIT_ERRORS
+    lightning = (folder / META_FILE).exists()
+    complete, why = folder_complete(folder) if lightning else fmt.complete(folder)
+    if not complete:
+        print(f"ckptd slim: {folder}: not complete: {why}", file=sys.stderr)
+        return EXIT_ERRORS
+    if fmt.kind == "dcp":
+        rename = {"model": "state_dict"} if lightning else None
+        writer = DcpConsolidation(args.format, rename, META_FILE if lightning else None)
+    else:
+        writer = fmt.writer(args.format)
+    default = LightningLayout.default_keep_keys if lightning else ("model", "meta?")
+    text = args.keep_keys
+    keep = default if text is None else tuple(k.strip() for k in text.split(",") if k.strip())
+    if keep == ("all",):
+        keep = ("*",)
+    if not keep:
+        print("ckptd slim: --keep-keys needs at least one key", file=sys.stderr)
+        return EXIT_USAGE
+    suffix = fmt.suffix(args.format)
+    dest, name = _slim_destination(args, suffix)
+    stem = name.removesuffix(suffix)
+    final = (lambda sha: f"{stem}-{sha[:8]}{suffix}") if args.hash_in_name else name
+    try:
+        size = tree_stat(folder).size
+        with byte_progress(size, f"slim {folder.name}") as progress:
+            result = writer.write(ArtifactRequest(folder, dest, final, keep, progress))
+    except (SlimError, NotPlainTree) as exc:
+        print(f"ckptd slim: {exc}", file=sys.stderr)
+        return EXIT_ERRORS
+    except OSError as exc:
+        print(f"ckptd slim: {exc.filename or dest}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERRORS
     print(
         f"{result.path}  {format_size(result.size)} (from {format_size(size)})  "

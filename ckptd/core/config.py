@@ -23,7 +23,7 @@ from ckptd.core.configops import DiskConfig, HooksConfig
 from ckptd.core.configtypes import Duration, Size, _Strict
 from ckptd.core.units import format_duration
 
-LAYOUT_NAMES = ("mmengine", "mmcv", "lightning", "hf")
+LAYOUT_NAMES = ("mmengine", "mmcv", "lightning", "hf", "deepspeed")
 Rule = Literal["greater", "less"]
 ARTIFACT_DIR_FIELDS = {"work_dir", "project", "run"}
 PUBLISH_URL_FIELDS = {"project", "run"}

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptd.layouts.base import Layout
+from ckptd.layouts.deepspeed import DeepSpeedLayout
 from ckptd.layouts.hf import HFLayout
 from ckptd.layouts.lightning import LightningLayout
 from ckptd.layouts.mmcv import MMCVLayout
@@ -19,6 +20,7 @@ LAYOUTS: dict[str, type[Layout]] = {
     MMCVLayout.name: MMCVLayout,
     LightningLayout.name: LightningLayout,
     HFLayout.name: HFLayout,
+    DeepSpeedLayout.name: DeepSpeedLayout,
 }
 
 

@@ -19,9 +19,17 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ckptd.core.model import EvalRecord, Problem, Skipped, TrainerBest, WorkDirScan
+from ckptd.core.model import (
+    Checkpoint,
+    EvalRecord,
+    Problem,
+    Skipped,
+    TrainerBest,
+    WorkDirScan,
+)
 from ckptd.fs.delete import NotPlainTree, tree_stat
 from ckptd.layouts.base import AutoMetric, Candidate, EvalRead, Layout, SourceState
+from ckptd.layouts.hf_deepspeed import FolderOrShards, consolidated_suffix, deepspeed_complete
 from ckptd.layouts.logtail import Cursor
 from ckptd.layouts.peek import object_state, peek
 from ckptd.slim.artifact import ArtifactWriter
@@ -156,8 +164,14 @@ class HFLayout(Layout):
     artifact_suffix: ClassVar[str] = ""
 
     def artifact_output(self, fmt: str = "torch") -> tuple[ArtifactWriter, str]:
-        # The folder artifact whatever the format: the Trainer writes safetensors itself.
-        return self.artifact_writer, self.artifact_suffix
+        # The folder artifact whatever the format: the Trainer writes safetensors itself;
+        # a DeepSpeed folder without model files is consolidated (see hf_deepspeed.py).
+        return FolderOrShards(self.artifact_writer, fmt), self.artifact_suffix
+
+    def artifact_name(self, key: str, checkpoint: Checkpoint, fmt: str = "torch") -> str:
+        name = super().artifact_name(key, checkpoint, fmt)
+        folder = self._work_dir / checkpoint.name if self._work_dir is not None else None
+        return name + consolidated_suffix(folder, fmt) if folder is not None else name
 
     def auto_keep_keys(self, fmt: str = "torch") -> tuple[str, ...]:
         """safetensors: only the safetensors weights (a folder with only pytorch_model*.bin
@@ -170,6 +184,7 @@ class HFLayout(Layout):
         self._source: SourceState | None = None  # the trainer_state.json metrics came from
         self._source_folder: Path | None = None
         self._listed: set[str] | None = None  # folders ckptd manages (not skipped)
+        self._work_dir: Path | None = None  # where they were listed, for artifact names
 
     @classmethod
     def detect(cls, work_dir: Path) -> bool:
@@ -193,6 +208,7 @@ class HFLayout(Layout):
                 continue
             candidates.append(Candidate(entry.name, "step", step, stat))
         self._listed = {c.name for c in candidates}
+        self._work_dir = work_dir
         return candidates, skipped
 
     def format_check(self, path: Path) -> tuple[bool | None, str]:
@@ -207,7 +223,7 @@ class HFLayout(Layout):
         step = int(FOLDER.fullmatch(path.name).group(1))  # type: ignore[union-attr]
         if data.get("global_step") != step:
             return False, f"{STATE} says global_step {data.get('global_step')!r}, not {step}"
-        return True, ""
+        return deepspeed_complete(path)
 
     def resume_target(self, work_dir: Path, names: set[str]) -> tuple[str | None, str]:
         # get_last_checkpoint: the highest checkpoint-N that is a folder, symlinks followed

@@ -30,6 +30,7 @@ from ckptd.core.model import (
     TrainerBest,
     WorkDirScan,
 )
+from ckptd.fs.delete import NotPlainTree, tree_stat
 from ckptd.layouts.base import (
     AutoMetric,
     Candidate,
@@ -38,8 +39,15 @@ from ckptd.layouts.base import (
     SourceState,
 )
 from ckptd.layouts.lightning_best import lightning_bests
-from ckptd.layouts.lightning_ckpt import CKPT_SUFFIX, read_facts, step_in_name
+from ckptd.layouts.lightning_ckpt import CKPT_SUFFIX, step_in_name
 from ckptd.layouts.lightning_csv import METRICS_FILE, read_metrics_csv
+from ckptd.layouts.lightning_sharded import (
+    FileOrFolder,
+    checkpoint_facts,
+    folder_complete,
+    folder_format,
+)
+from ckptd.slim.artifact import ArtifactWriter
 
 if TYPE_CHECKING:
     from ckptd.core.config import ProjectConfig
@@ -169,11 +177,22 @@ class LightningLayout(Layout):
                 if entry.is_symlink():
                     skipped.append(Skipped(name, "a symlink; ckptd never deletes or follows it"))
                     continue
-                if not entry.is_file(follow_symlinks=False):
+                folder = entry.is_dir(follow_symlinks=False)
+                if folder and folder_format(Path(entry.path)) is None:
+                    skipped.append(Skipped(name, "a folder that is no sharded checkpoint"))
+                    continue
+                if not folder and not entry.is_file(follow_symlinks=False):
                     skipped.append(Skipped(name, "not a regular file"))
                     continue
                 try:
-                    stat = FileStat.of(entry.stat(follow_symlinks=False))
+                    stat = (
+                        tree_stat(Path(entry.path))
+                        if folder
+                        else FileStat.of(entry.stat(follow_symlinks=False))
+                    )
+                except NotPlainTree as exc:
+                    skipped.append(Skipped(name, f"{exc}; ckptd never deletes such a folder"))
+                    continue
                 except FileNotFoundError:
                     continue
                 step, why = step_in_name(entry.name), ""
@@ -197,7 +216,7 @@ class LightningLayout(Layout):
                 f"its name has no step=N and it is not complete yet ({reason or 'unknown format'})"
                 "; ckptd reads its step from it once it is. Left alone until then"
             )
-        facts = read_facts(Path(entry.path), stat)
+        facts = checkpoint_facts(Path(entry.path), stat)
         if facts is None or facts.global_step is None:
             return None, (
                 "its name has no step=N and ckptd cannot read a global_step from it (not a "
@@ -271,11 +290,20 @@ class LightningLayout(Layout):
         for c in sorted(candidates, key=lambda c: c.index, reverse=True):
             if self.format_check(work_dir / c.name)[0] is not True:
                 continue
-            facts = read_facts(work_dir / c.name, c.stat)
+            facts = checkpoint_facts(work_dir / c.name, c.stat)
             callbacks = facts.callbacks if facts else ()
             self._monitors = [(cb.monitor, cb.mode, c.name) for cb in callbacks if cb.monitor]
             break
         return self._monitors
+
+    def format_check(self, path: Path) -> tuple[bool | None, str]:
+        if path.is_dir() and not path.is_symlink():  # a sharded folder (FSDP, DeepSpeed)
+            return folder_complete(path)
+        return super().format_check(path)
+
+    def artifact_output(self, fmt: str = "torch") -> tuple[ArtifactWriter, str]:
+        writer, suffix = super().artifact_output(fmt)
+        return FileOrFolder(writer, fmt), suffix
 
     def trainer_bests(
         self, work_dir: Path, scan: WorkDirScan, records: list[EvalRecord]

@@ -24,11 +24,11 @@ from ckptd.core.model import Checkpoint, EvalRecord, TrainerBest, WorkDirScan
 from ckptd.layouts.lightning_ckpt import (
     CallbackFacts,
     in_work_dir,
-    read_facts,
     remembered_step,
     step_in_name,
 )
 from ckptd.layouts.lightning_csv import METRICS_FILE
+from ckptd.layouts.lightning_sharded import checkpoint_facts
 
 # The newest files read per pass while looking for each callback's own record.
 MAX_FILES_READ = 4
@@ -132,7 +132,7 @@ def lightning_bests(
     complete.sort(key=lambda c: (c.stat.mtime_ns, c.index), reverse=True)
     found: dict[str, TrainerBest | None] = {}
     for holder in complete[:MAX_FILES_READ]:
-        facts = read_facts(work_dir / holder.name, holder.stat)
+        facts = checkpoint_facts(work_dir / holder.name, holder.stat)
         rel_dir = posixpath.dirname(holder.name) or "."
         for callback in facts.callbacks if facts else ():
             if callback.state_key in found:

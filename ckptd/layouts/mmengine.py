@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ckptd.core.model import EvalRecord, FileStat, Problem, Skipped, TrainerBest, WorkDirScan
+from ckptd.fs.delete import NotPlainTree, tree_stat
 from ckptd.layouts.base import (
     Candidate,
     EvalRead,
@@ -26,6 +27,8 @@ from ckptd.layouts.base import (
     read_pointer_file,
     tail_json_lines,
 )
+from ckptd.layouts.mmengine_folders import FileOrFolder, folder_complete, is_folder_checkpoint
+from ckptd.slim.artifact import ArtifactWriter
 
 # ASCII digits only: str.format writes no others, and e.g. 'epoch_١.pth' is not a checkpoint
 CHECKPOINT_NAME = re.compile(r"(epoch|iter)_(\d+)\.pth", re.ASCII)
@@ -111,16 +114,37 @@ class MMEngineLayout(Layout):
             if entry.is_symlink():
                 skipped.append(Skipped(entry.name, "a symlink; ckptd never deletes or follows it"))
                 continue
-            if not entry.is_file(follow_symlinks=False):
+            folder = entry.is_dir(follow_symlinks=False)
+            if folder and not is_folder_checkpoint(Path(entry.path)):
+                why = "not a regular file; nor a FlexibleRunner folder ckptd knows (yet)"
+                skipped.append(Skipped(entry.name, why))
+                continue
+            if not folder and not entry.is_file(follow_symlinks=False):
                 skipped.append(Skipped(entry.name, "not a regular file"))
                 continue
-            try:
-                stat = FileStat.of(entry.stat(follow_symlinks=False))
+            try:  # a FlexibleRunner folder (DeepSpeed, FSDP) is one checkpoint: its tree stat
+                stat = (
+                    tree_stat(Path(entry.path))
+                    if folder
+                    else FileStat.of(entry.stat(follow_symlinks=False))
+                )
+            except NotPlainTree as exc:
+                skipped.append(Skipped(entry.name, f"{exc}; ckptd never deletes such a folder"))
+                continue
             except FileNotFoundError:
                 continue
             candidates.append(Candidate(entry.name, match.group(1), int(match.group(2)), stat))
         self._listed = (work_dir, candidates)
         return candidates, skipped
+
+    def format_check(self, path: Path) -> tuple[bool | None, str]:
+        if path.is_dir() and not path.is_symlink():
+            return folder_complete(path)
+        return super().format_check(path)
+
+    def artifact_output(self, fmt: str = "torch") -> tuple[ArtifactWriter, str]:
+        writer, suffix = super().artifact_output(fmt)
+        return FileOrFolder(writer, fmt), suffix
 
     def resume_target(self, work_dir: Path, names: set[str]) -> tuple[str | None, str]:
         text, note = read_pointer_file(work_dir / POINTER)

@@ -51,6 +51,41 @@ class CrcMismatch(Exception):
         super().__init__(copy.name)
 
 
+_CRC_POLY = 0xEDB88320  # CRC-32 (zip, zlib), reflected
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a * b modulo the CRC polynomial (zlib's multmodp); ``a`` is never 0 here."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+
+
+_X2N = [1 << 30]  # x^(2^n) modulo the polynomial
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32 of A + B from crc32(A), crc32(B) and len(B) (zlib's crc32_combine, which
+    Python's zlib does not expose): a record laid out from shards gets its CRC without its
+    bytes being read."""
+    if len2 <= 0:
+        return crc1
+    p, k, n = 1 << 31, 3, len2
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return _multmodp(p, crc1) ^ crc2
+
+
 def write_at(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
@@ -282,11 +317,13 @@ def write_archive(
     total: int,
     progress: Callable[[int, int], None] | None,
     cancel: CancelToken | None = None,
+    checks: Sequence[Copy] = (),
 ) -> str:
     """Write ``pieces`` (from ``layout_archive``) to ``fd`` (the file ``temp``), copying spans
-    of ``src_fd`` and writing what ``Gather`` pieces make; return the output's sha256 once every
-    checked copy's CRC is verified."""
-    verifier = ReadBackVerifier(temp, [p for p in pieces if isinstance(p, Copy)])
+    of ``src_fd`` (or of a copy's own ``source_fd``) and writing what ``Gather`` pieces make;
+    return the output's sha256 once every checked copy's CRC, and every output range in
+    ``checks`` (pieced together from several copies), is verified."""
+    verifier = ReadBackVerifier(temp, [*(p for p in pieces if isinstance(p, Copy)), *checks])
     writeback = _Writeback(fd)
     if hasattr(os, "posix_fadvise"):  # read-ahead for a cold source (a no-op when cached)
         with contextlib.suppress(OSError):
@@ -311,7 +348,8 @@ def write_archive(
                     progress(start + done, total)
 
             if isinstance(piece, Copy):
-                copy_range(src_fd, piece.source_offset, fd, pos, piece.size, on_chunk)
+                from_fd = src_fd if piece.fd < 0 else piece.fd
+                copy_range(from_fd, piece.source_offset, fd, pos, piece.size, on_chunk)
             else:
                 done = 0
                 for chunk in piece.chunks(src_fd):

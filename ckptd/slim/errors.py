@@ -51,6 +51,21 @@ class UnsafeCheckpointError(SlimError):
         )
 
 
+class UnsafeMetadataError(SlimError):
+    """A sharded checkpoint's index (DCP's ``.metadata``) names a global its library never
+    writes there: the file is refused, unread beyond the inert parse, nothing of it run."""
+
+    def __init__(self, path: str | os.PathLike[str], global_name: str) -> None:
+        self.global_name = global_name
+        super().__init__(
+            path,
+            f"references {global_name}, which a torch distributed checkpoint's .metadata never "
+            "does (it may be a code-running payload); ckptd refuses the checkpoint and runs "
+            "none of it.",
+            "Check where this folder came from; ckptd will not consolidate or delete it.",
+        )
+
+
 class CheckpointChangedError(SlimError):
     """The file changed (or vanished) while it was being read; read it again later."""
 
@@ -83,3 +98,19 @@ class ArtifactWriteError(SlimError):
         self.errno = exc.errno
         detail = exc.strerror or str(exc)
         super().__init__(path, f"writing the artifact {self.destination} failed: {detail}.")
+
+
+class UnsafeShardError(UnsafeCheckpointError):
+    """A shard of a folder checkpoint names a global its format never needs (maybe code)."""
+
+    def __init__(self, path: str | os.PathLike[str], key: str, global_name: str) -> None:
+        self.key = key
+        self.global_name = global_name
+        SlimError.__init__(
+            self,
+            path,
+            f"key {key!r} references {global_name}, which no checkpoint of this format holds; "
+            "ckptd reads no shard that names code it does not know (torch.load with "
+            "weights_only=False, as zero_to_fp32.py does, would run it).",
+            "Nothing was read further or deleted; find out where this file came from.",
+        )

@@ -82,3 +82,47 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         *STORAGE_TYPES,
     }
 )
+
+# Read-only: globals a DeepSpeed ``*_model_states.pt`` / ``*_optim_states.pt`` may name (its
+# loss scaler, ZeRO stage enum and bf16 fragment map, and the trainers' client states that ride
+# in the model-states file), on top of ``ALLOWED_GLOBALS``. ckptd never calls them: a shard
+# naming anything else is refused before any of it is used (``slim/deepspeed.py``).
+DEEPSPEED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+        ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+        ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+        ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    }
+)
+
+# Globals a torch distributed checkpoint's ``.metadata`` may reference (torch 2.4-2.13's
+# ``torch.distributed.checkpoint.metadata`` dataclasses, pickled by ``FileSystemWriter.finish``).
+# Separate from ``ALLOWED_GLOBALS``: none of these may appear in an artifact, and the artifact's
+# tensor rebuild functions have no business in a ``.metadata``. ``slim/dcp_metadata.py`` reads
+# the records as inert values and never builds any of them; ``pathlib.PosixPath`` is
+# ``StorageMeta.checkpoint_id``, which is ignored.
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+DCP_METADATA_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {
+        *(
+            (_DCP_METADATA, name)
+            for name in (
+                "Metadata",
+                "TensorStorageMetadata",
+                "BytesStorageMetadata",
+                "ChunkStorageMetadata",
+                "TensorProperties",
+                "MetadataIndex",
+                "StorageMeta",
+                "_MEM_FORMAT_ENCODING",
+            )
+        ),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.distributed.checkpoint.metadata", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        *(("torch", name) for name in _DTYPES),
+    }
+)

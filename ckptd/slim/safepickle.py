@@ -140,6 +140,12 @@ class Inert(metaclass=InertGlobal):
         return func.ref if isinstance(func, InertGlobal) else None
 
 
+def stand_in(ref: tuple[str, str]) -> type[Inert]:
+    """The inert stand-in for the global ``ref``: calling it records the call (also used to
+    build trees for ``PickleWriter`` without importing what they name)."""
+    return InertGlobal("InertStandIn", (Inert,), {"__slots__": (), "ref": ref})
+
+
 class StorageRef:
     """A persistent id, i.e. ``('storage', storage_type, key, location, numel)`` for torch."""
 
@@ -436,8 +442,7 @@ class _InertLoading:
         if stub is None:
             if len(self._types) >= MAX_GLOBALS:
                 raise PickleRejected(f"more than {MAX_GLOBALS} distinct globals")
-            stub = InertGlobal("InertStandIn", (Inert,), {"__slots__": (), "ref": key})
-            self._types[key] = stub
+            stub = self._types[key] = stand_in(key)
         return stub
 
     def persistent_load(self, pid: Any) -> StorageRef | Blob:

@@ -23,7 +23,8 @@ import itertools
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from ckptd.core.cancel import CancelToken
@@ -98,7 +99,9 @@ class _StridedGather:
             yield out
 
 
-def _check_globals(source: CheckpointSource, key: str, value: Any) -> None:
+def check_globals(
+    path: Path, key: str, value: Any, allowed: Container[tuple[str, str]] = ALLOWED_GLOBALS
+) -> None:
     """Refuse a kept value that names a global a safe load would reject (as the torch slim)."""
     seen: set[int] = set()
     stack = [value]
@@ -108,8 +111,8 @@ def _check_globals(source: CheckpointSource, key: str, value: Any) -> None:
             continue
         seen.add(id(obj))
         if isinstance(obj, InertGlobal):
-            if obj.ref is not None and obj.ref not in ALLOWED_GLOBALS:
-                raise UnsafeCheckpointError(source.path, key, ".".join(obj.ref))
+            if obj.ref is not None and obj.ref not in allowed:
+                raise UnsafeCheckpointError(path, key, ".".join(obj.ref))
         elif type(obj) is StorageRef:
             stack.append(obj.pid)
         elif type(obj) in (list, tuple, set, frozenset):
@@ -139,7 +142,7 @@ class _Collector:
         )
 
     def add(self, key: str, value: Any) -> None:
-        _check_globals(self.source, key, value)
+        check_globals(self.source.path, key, value)
         if next(iter_storage_refs(value), None) is None:
             try:
                 self.metadata[key] = json.dumps(to_json(value, key), ensure_ascii=False)
@@ -175,6 +178,13 @@ class _Collector:
             self._flatten(key, f"{name}.{sub}" if name else str(sub), item, depth + 1)
 
 
+def header_bytes(header: dict[str, Any]) -> bytes:
+    """The length-prefixed JSON header; tensors start 8-byte aligned, as safetensors writes."""
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
 def _plan(
     source: CheckpointSource, tensors: dict[str, TensorView], metadata: dict[str, str]
 ) -> tuple[list[bytes | Copy | Gather], int]:
@@ -198,9 +208,7 @@ def _plan(
         }
         located.append((name, view, pos, entry))
         pos += view.nbytes
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)  # tensors start 8-byte aligned, as safetensors writes them
-    prefix = struct.pack("<Q", len(text)) + text
+    prefix = header_bytes(header)
     pieces: list[bytes | Copy | Gather] = [prefix]
     for name, view, at, entry in located:
         if not view.nbytes:

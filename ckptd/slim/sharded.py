@@ -36,7 +36,28 @@ class ShardedFormat:
 
 def _formats() -> tuple[ShardedFormat, ...]:
     # Imported here so that a layout importing this module does not pay for every format.
+    from ckptd.slim import dcp, dcp_writer, deepspeed
+
     found: list[ShardedFormat] = []
+
+    found.append(
+        ShardedFormat(
+            kind="dcp",
+            recognise=dcp.recognise,
+            complete=dcp.complete,
+            writer=dcp_writer.DcpConsolidation,
+            suffix=dcp_writer.output_suffix,
+        )
+    )
+    found.append(
+        ShardedFormat(
+            kind="deepspeed",
+            recognise=deepspeed.recognise,
+            complete=deepspeed.complete,
+            writer=deepspeed.writer,
+            suffix=deepspeed.output_suffix,
+        )
+    )
     return tuple(found)
 
 

@@ -16,7 +16,8 @@ import hashlib
 import os
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 from ckptd.core.cancel import CancelToken
 from ckptd.slim.artifact import (
@@ -119,9 +120,19 @@ def _new_pickle(source: CheckpointSource, kept: Sequence[str], plan: _StoragePla
     return writer.end_root()
 
 
-def _records(
-    source: CheckpointSource, data_pkl: bytes, plan: _StoragePlan
+class SmallRecords(Protocol):
+    """Where ``zip_records`` reads the small records of the archive it mimics."""
+
+    path: Path
+
+    def small_record(self, name: str) -> bytes | None: ...
+
+
+def zip_records(
+    source: SmallRecords, data_pkl: bytes, copies: Sequence[tuple[str, OutRecord]]
 ) -> tuple[list[OutRecord], int]:
+    """The records of a torch zip written like ``source`` (version, alignment, byteorder):
+    ``data.pkl``, then the storages ``copies`` (in key order), then the trailing records."""
     version = source.small_record("version")
     if version is None or not version.strip().isdigit():
         raise CorruptCheckpointError(source.path, f"has no valid version record ({version!r}).")
@@ -141,7 +152,7 @@ def _records(
         return OutRecord(name, len(data), zlib.crc32(data), data=data)
 
     identity = hashlib.sha256(data_pkl)
-    for _, rec in plan.copies:
+    for _, rec in copies:
         identity.update(f"{rec.name}:{rec.size}:{rec.crc32};".encode())
     serialization_id = f"{int.from_bytes(identity.digest()[:16], 'big'):040d}".encode()
     records = [
@@ -151,7 +162,7 @@ def _records(
     ]
     if byteorder is not None:
         records.append(memory("byteorder", byteorder))
-    records += [rec for _, rec in plan.copies]
+    records += [rec for _, rec in copies]
     records += [memory("version", version), memory(".data/serialization_id", serialization_id)]
     return records, alignment
 
@@ -159,7 +170,7 @@ def _records(
 def _zip_output(source: CheckpointSource, kept: tuple[str, ...]) -> tuple[Sequence[Any], int]:
     plan = _StoragePlan(source)
     data_pkl = _new_pickle(source, kept, plan)
-    records, alignment = _records(source, data_pkl, plan)
+    records, alignment = zip_records(source, data_pkl, plan.copies)
     return layout_archive(source.archive.prefix, records, alignment)
 
 

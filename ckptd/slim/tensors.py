@@ -32,6 +32,16 @@ ITEMSIZE = {
     "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
     "uint16": 2, "uint32": 4, "uint64": 8,
 }  # fmt: skip
+_DTYPE_STORAGES = {dtype: f"{kind}Storage" for kind, dtype in _STORAGE_DTYPES.items()}
+
+
+def storage_type_of(dtype: str) -> tuple[str, str] | None:
+    """The legacy storage class ``torch.save`` names for a dtype's tensors (``_rebuild_tensor_v2``),
+    None for the newer dtypes that have none."""
+    name = _DTYPE_STORAGES.get(dtype)
+    return ("torch", name) if name else None
+
+
 _V2 = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")}
 _V3 = ("torch._utils", "_rebuild_tensor_v3")
 _PARAMETER = {

@@ -96,12 +96,13 @@ def _pread(fd: int, size: int, offset: int, path: Path) -> bytes:
     return data
 
 
-def _read_end(fd: int, size: int) -> _End | str:
-    """Parse the end records; return a reason string if they do not describe a complete zip."""
+def _read_end(fd: int, size: int, base: int = 0) -> _End | str:
+    """Parse the end records of the ``size``-byte zip starting at ``base`` of the file; return a
+    reason string if they do not describe a complete zip. Offsets returned are zip-relative."""
     if size < _LOCAL.size + _CENTRAL.size + _EOCD.size:
         return f"only {size} bytes long"
     n = min(size, TAIL_BYTES)
-    tail = os.pread(fd, n, size - n)
+    tail = os.pread(fd, n, base + size - n)
     if len(tail) != n:
         return "shorter than its size while being read"
     base = size - n
@@ -125,7 +126,7 @@ def _read_end(fd: int, size: int) -> _End | str:
         if z_offset >= base:
             record = tail[z_offset - base : z_offset - base + _Z64_EOCD.size]
         else:
-            record = os.pread(fd, _Z64_EOCD.size, z_offset)
+            record = os.pread(fd, _Z64_EOCD.size, base + z_offset)
         if len(record) != _Z64_EOCD.size:
             return "shorter than its size while being read"
         sig, rec_size, _, _, d1, d2, n1, n2, cd_size64, cd_offset64 = _Z64_EOCD.unpack(record)
@@ -179,13 +180,19 @@ def looks_complete(path: str | os.PathLike[str]) -> bool | None:
 
 
 class SourceArchive:
-    """The central directory of a torch zip checkpoint, checked for sanity, open on ``fd``."""
+    """The central directory of a torch zip checkpoint, checked for sanity, open on ``fd``.
 
-    def __init__(self, path: Path, fd: int, size: int) -> None:
+    ``base``: where the archive starts in the file (torch distributed checkpoint's ``.distcp``
+    files hold one ``torch.save`` archive per tensor chunk, back to back); ``size`` is the
+    archive's. Entry offsets are archive-relative; ``data_offset`` and ``pread`` are the file's.
+    """
+
+    def __init__(self, path: Path, fd: int, size: int, base: int = 0) -> None:
         self.path = path
         self.fd = fd
         self.size = size
-        head = _pread(fd, min(size, 32), 0, path)
+        self.base = base
+        head = _pread(fd, min(size, 32), base, path)
         if not head.startswith(_LOCAL_SIG):
             if is_legacy_header(head):
                 raise UnsupportedFormatError(
@@ -198,7 +205,7 @@ class SourceArchive:
                 path, f"is not a torch checkpoint (starts with {head[:8]!r}, not a zip header)."
             )
         try:
-            end = _read_end(fd, size)
+            end = _read_end(fd, size, base)
         except OSError as exc:
             raise SlimError(path, f"reading failed: {exc.strerror or exc}.") from exc
         if isinstance(end, str):
@@ -211,7 +218,7 @@ class SourceArchive:
             )
         self.cd_offset = end.cd_offset
         self.prefix, self.entries = self._parse_directory(
-            _pread(fd, end.cd_size, end.cd_offset, path), end
+            _pread(fd, end.cd_size, base + end.cd_offset, path), end
         )
         if "constants.pkl" in self.entries or any(n.startswith("code/") for n in self.entries):
             raise UnsupportedFormatError(
@@ -300,17 +307,17 @@ class SourceArchive:
 
     def data_offset(self, entry: Entry) -> int:
         """Where ``entry``'s bytes start, from its local header (which is checked)."""
-        header = _pread(self.fd, _LOCAL.size, entry.header_offset, self.path)
+        header = _pread(self.fd, _LOCAL.size, self.base + entry.header_offset, self.path)
         sig, _, _, method, _, _, _, _, _, nlen, elen = _LOCAL.unpack(header)
         start = entry.header_offset + _LOCAL.size
         if sig != _LOCAL_SIG or method != 0 or nlen != len(entry.raw_name):
             raise self._corrupt(f"has a damaged local header for {entry.raw_name!r}.")
-        if _pread(self.fd, nlen, start, self.path) != entry.raw_name:
+        if _pread(self.fd, nlen, self.base + start, self.path) != entry.raw_name:
             raise self._corrupt(f"has a local header that disagrees about {entry.raw_name!r}.")
         offset = start + nlen + elen
         if offset + entry.size > entry.limit:
             raise self._corrupt(f"has overlapping or out-of-bounds data for {entry.raw_name!r}.")
-        return offset
+        return self.base + offset
 
     def pread(self, size: int, offset: int) -> bytes:
         """``size`` bytes at ``offset`` of the file (CheckpointChangedError if it got shorter)."""
@@ -352,6 +359,9 @@ class Copy:
     name: str
     # False for part of a record (a tensor view at an offset): no CRC vouches for those bytes.
     checked: bool = True
+    # The file to copy from when it is not the writer's one source (-1): a consolidating
+    # writer copies each tensor chunk from the rank file that holds it.
+    fd: int = -1
 
 
 def layout_archive(
