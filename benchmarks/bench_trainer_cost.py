@@ -24,6 +24,7 @@ is idle after the trainer's last checkpoint, per checkpoint. Figures: medians ov
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -111,7 +112,7 @@ def trainer_main(work_dir: Path, dataset: Path, sizes: Sizes, cpu: int) -> None:
     for event in trainer.events():
         if event.kind in SAVE_EVENTS:
             saved[0] = True
-    intervals = [(b - a, save) for (a, _), (b, save) in zip(stamps, stamps[1:], strict=False)]
+    intervals = [(b - a, save) for (a, _), (b, save) in itertools.pairwise(stamps)]
     print(
         json.dumps(
             {
@@ -119,9 +120,9 @@ def trainer_main(work_dir: Path, dataset: Path, sizes: Sizes, cpu: int) -> None:
                 "wall": stamps[-1][0] - stamps[0][0],
                 "step_times": [dt for dt, save in intervals if not save],
                 "save_times": [dt for dt, save in intervals if save],
-                "checkpoint_bytes": (work_dir / f"epoch_{sizes.checkpoints}.pth").stat().st_size
-                if (work_dir / f"epoch_{sizes.checkpoints}.pth").exists()
-                else 0,
+                "checkpoint_bytes": trainer.work_dir.joinpath(trainer.last_ckpt or "")
+                .stat()
+                .st_size,
             }
         )
     )
