@@ -146,6 +146,7 @@ class Daemon:
         return 0
 
     def _rediscover(self) -> None:
+        cpu = time.thread_time()
         wanted = self.work_dirs.discover(self.loaded)
         now = time.monotonic()
         with self._cond:
@@ -154,7 +155,8 @@ class Daemon:
         self.watcher.sync(self.work_dirs.watch_plan(self.loaded))
         if self.metrics:
             self.metrics.set_watched(len(self.slots))
-        self._rediscover_at = time.monotonic() + self.timings.rediscover_every
+        cost = time.thread_time() - cpu
+        self._rediscover_at = time.monotonic() + self.timings.rediscover_interval(cost)
 
     def _wait(self, next_ping: float | None) -> None:
         with self._cond:

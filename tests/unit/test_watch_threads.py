@@ -136,3 +136,13 @@ def test_polling_sees_a_folder_go_and_come_back(tmp_path: Path) -> None:
         assert wait_for(seen, lambda c: c.path == folder / "epoch_3.pth")
     finally:
         watcher.stop()
+
+
+def test_periodic_rediscovery_costs_at_most_its_share_of_a_core() -> None:
+    from ckptd.core.timings import Timings
+
+    timings = Timings(rediscover_every=10.0, rediscover_cpu_share=0.0025)
+    assert timings.rediscover_interval(0.002) == 10.0  # a few work_dirs: every 10 s
+    interval = timings.rediscover_interval(0.2)  # ~2,000 work_dirs
+    assert interval == pytest.approx(80.0)
+    assert 0.2 / interval <= 0.0025
