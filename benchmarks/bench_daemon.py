@@ -472,6 +472,7 @@ def main() -> int:
     parser.add_argument("--scalar-lines", type=int, help="default 1,000,000")
     parser.add_argument("--trainers", type=int, help="default 20")
     parser.add_argument("--load-seconds", type=int, help="default 120")
+    parser.add_argument("--repeats", type=int, help="start-up measurements, default 5")
     parser.add_argument(
         "--baseline",
         type=Path,
