@@ -37,7 +37,10 @@ class DaemonProcess:
 
     def start(self) -> DaemonProcess:
         self._log = self.log_path.open("ab")
-        argv = [*CKPTD_RUN, "-c", str(self.config), *self.extra]
+        # At its default nice 10 the daemon would get a fraction of a loaded 2-core CI box
+        # beside the tests' own trainers and miss their stop/ready timeouts; the priority
+        # itself is tested in tests/integration/test_priority.py.
+        argv = [*CKPTD_RUN, "-c", str(self.config), "--keep-priority", *self.extra]
         self.proc = subprocess.Popen(
             self.wrap(argv) if self.wrap else argv,
             stdout=self._log,

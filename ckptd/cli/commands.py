@@ -35,6 +35,30 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_keep_priority(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keep-priority",
+        action="store_true",
+        help="do not lower ckptd's CPU (nice) and I/O (idle class) priority (config: priority)",
+    )
+
+
+def _lower_priority(args: argparse.Namespace, loaded) -> None:  # loaded: LoadedConfig
+    """priority: nice and the idle I/O class, before any thread starts (threads inherit)."""
+    if args.keep_priority:
+        return
+    import logging
+
+    from ckptd.service.priority import lower_priority
+
+    wanted = loaded.config.priority
+    outcome = lower_priority(wanted.nice, wanted.io_idle)
+    log = logging.getLogger("ckptd.priority")
+    for note in outcome.notes:
+        log.warning(note, extra={"fields": {"action": "priority"}})
+    log.debug(f"nice {outcome.nice}, I/O class {outcome.io_class}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckptd",
@@ -61,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run", parents=[common], help="watch the work_dirs and keep them reconciled (the service)"
     )
     _add_config(run)
+    _add_keep_priority(run)
     run.add_argument(
         "--workers", type=int, default=2, help="work_dirs reconciled in parallel (default 2)"
     )
@@ -79,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "once", parents=[common], help="one reconcile pass over every work_dir, then exit"
     )
     _add_config(once)
+    _add_keep_priority(once)
     once.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     once.add_argument("--json", action="store_true", help="print JSON instead of a listing")
 
@@ -155,6 +181,8 @@ def _pass(args: argparse.Namespace, dry_run: bool) -> tuple[list, list[str]]:
     from ckptd.engine.targets import discover
 
     loaded = _load(args)
+    if args.command == "once":  # not status: a person waits for it
+        _lower_priority(args, loaded)
     found = discover(loaded)
     options = PassOptions(settle=loaded.config.watch.settle, dry_run=dry_run, one_shot=True)
     reports = [reconcile(target, options) for target in found.targets]
@@ -347,6 +375,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("ckptd run: --workers must be at least 1", file=sys.stderr)
         return EXIT_USAGE
+    _lower_priority(args, loaded)
     metrics = server = None
     if args.metrics_addr:
         from ckptd.service.metrics import DaemonMetrics

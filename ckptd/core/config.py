@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from ckptd.core.configops import DiskConfig, HooksConfig
+from ckptd.core.configops import DiskConfig, HooksConfig, PriorityConfig
 from ckptd.core.configtypes import Duration, Size, _Strict
 from ckptd.core.units import format_duration
 
@@ -308,6 +308,7 @@ class Config(_Strict):
     projects: list[ProjectConfig] = Field(min_length=1)
     watch: WatchConfig = WatchConfig()
     disk: DiskConfig | None = None  # absent: no watermark
+    priority: PriorityConfig = PriorityConfig()
 
     @field_validator("projects")
     @classmethod

@@ -1,11 +1,12 @@
-"""The ``disk:`` and ``hooks:`` sections of ``ckptd.yaml``: how ckptd acts around the
-trainers (a free-space watermark across runs, commands on events), beside retention."""
+"""The ``disk:``, ``hooks:`` and ``priority:`` sections of ``ckptd.yaml``: how ckptd acts
+around the trainers (a free-space watermark across runs, commands on events, its own CPU and
+I/O priority), beside retention."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from ckptd.core.configtypes import Duration, _Strict
 from ckptd.core.units import parse_size
@@ -69,3 +70,10 @@ class HooksConfig(_Strict):
         if value <= 0:
             raise ValueError("must be greater than 0, e.g. 30s")
         return value
+
+
+class PriorityConfig(_Strict):
+    """ckptd's own priority, lowered at the start of ``ckptd run`` and ``ckptd once``."""
+
+    nice: int | None = Field(default=10, ge=-20, le=19)  # null: leave the nice value alone
+    io_idle: bool = True  # the idle I/O scheduling class (ioprio_set); false: leave it

@@ -1,40 +1,26 @@
 """Watching with watchdog: events only mark a work_dir dirty; the reconciler does the rest.
 
-inotify where it sees every write; a polling observer for filesystems where inotify cannot see
-other machines' writes (NFS, CIFS/SMB, FUSE, Lustre, GPFS, …) and for any folder where the
-inotify watch limit was reached. Only work_dir roots and their metric folders are watched,
-plus the folders that globs match new work_dirs in.
+inotify where it sees every write; polling for filesystems where inotify cannot see other
+machines' writes (NFS, CIFS/SMB, FUSE, Lustre, GPFS, …) and for any folder where the inotify
+watch limit was reached. Only work_dir roots and their metric folders are watched, plus the
+folders that globs match new work_dirs in. However many folders: one inotify reader thread
+(``service/inotify``) and one polling thread (``service/polling``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
-from watchdog.events import (
-    DirAttribEvent,
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirModifiedEvent,
-    DirMovedEvent,
-    FileAttribEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver, ObservedWatch
-from watchdog.observers.polling import PollingObserver
+from ckptd.service.change import Change
+from ckptd.service.inotify import InotifyWatches
+from ckptd.service.polling import FolderPoller
+
+__all__ = ["Change", "Watcher", "fstype_of", "needs_polling", "read_mounts", "watch_plan"]
 
 log = logging.getLogger("ckptd.watch")
 
@@ -60,14 +46,6 @@ REMOTE_FSTYPES = frozenset(
         "virtiofs",
     }
 )
-# Every event but "opened" and "closed without writing", which _Handler ignores anyway. Asking
-# the kernel not to report them at all keeps reads (ckptd's own scans included) from waking
-# three threads per directory opened: at 200 work_dirs that was most of the idle wakeups.
-WATCHED_EVENTS: list[type[FileSystemEvent]] = [
-    FileCreatedEvent, DirCreatedEvent, FileDeletedEvent, DirDeletedEvent, FileModifiedEvent,
-    DirModifiedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent, FileAttribEvent,
-    DirAttribEvent,
-]  # fmt: skip
 WATCH_LIMIT_HELP = (
     "inotify watch limit reached (fs.inotify.max_user_watches); polling this folder instead. "
     "Raise the limit with: sysctl -w fs.inotify.max_user_watches=524288 (and persist it in "
@@ -108,53 +86,25 @@ def needs_polling(fstype: str) -> bool:
     return fstype in REMOTE_FSTYPES or fstype.startswith("fuse.")
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
-    """A hint that something changed under ``root`` (a work_dir or a discovery folder)."""
-
-    root: Path
-    path: Path
-    closed_after_write: bool
-
-
-class _Handler(FileSystemEventHandler):
-    def __init__(self, root: Path, sink: Callable[[Change], None]) -> None:
-        self.root = root
-        self.sink = sink
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write"):
-            return  # reads (including ckptd's own) change nothing
-        src = event.src_path
-        path = Path(os.fsdecode(src))
-        self.sink(Change(self.root, path, event.event_type == "closed"))
-        dest = getattr(event, "dest_path", "")
-        if dest:
-            self.sink(Change(self.root, Path(os.fsdecode(dest)), False))
-
-
 class Watcher:
     """Keeps one watch per folder in sync with what the daemon wants watched."""
 
     def __init__(self, mode: str, poll_interval: float, sink: Callable[[Change], None]) -> None:
         self.mode = mode
         self.sink = sink
-        self._inotify: BaseObserver = Observer()
-        self._polling: BaseObserver = PollingObserver(timeout=poll_interval)
-        self._watches: dict[Path, tuple[BaseObserver, ObservedWatch, Path]] = {}
+        self._inotify = InotifyWatches(sink)
+        self._polling = FolderPoller(poll_interval, sink)
+        self._roots: dict[Path, Path] = {}  # folder -> the root it was watched for
         self._mounts = read_mounts()
         self._lock = threading.Lock()
         self.fell_back: set[Path] = set()  # folders polled because inotify could not watch them
 
     def start(self) -> None:
-        self._inotify.start()
-        self._polling.start()
+        """Nothing to start: each watcher's thread starts with its first folder."""
 
     def stop(self) -> None:
-        for observer in (self._inotify, self._polling):
-            observer.stop()
-        for observer in (self._inotify, self._polling):
-            observer.join(timeout=5)
+        self._inotify.stop()
+        self._polling.stop()
 
     def kind_for(self, folder: Path) -> str:
         if self.mode != "auto":
@@ -164,47 +114,53 @@ class Watcher:
     @property
     def watched(self) -> dict[Path, str]:
         with self._lock:
+            inotify, polled = self._inotify.folders, self._polling.folders
             return {
-                p: ("poll" if obs is self._polling else "inotify")
-                for p, (obs, _, _) in self._watches.items()
+                p: "inotify" if p in inotify else "poll"
+                for p in self._roots
+                if p in inotify or p in polled
             }
 
     def sync(self, wanted: dict[Path, Path]) -> None:
-        """Watch exactly ``wanted`` (folder -> the root its events are reported under)."""
+        """Watch exactly ``wanted`` (folder -> the root its events are reported under).
+
+        A folder whose inotify watch went away (deleted, moved) is watched again here."""
         with self._lock:
-            for folder in list(self._watches):
-                if folder not in wanted or self._watches[folder][2] != wanted[folder]:
-                    observer, watch, _ = self._watches.pop(folder)
-                    with contextlib.suppress(KeyError, OSError):
-                        observer.unschedule(watch)
+            live = self._inotify.folders | self._polling.folders
+            for folder in list(self._roots):
+                if folder not in wanted or self._roots[folder] != wanted[folder]:
+                    self._unwatch(folder)
+                elif folder not in live:
+                    del self._roots[folder]  # its watch was dropped: try again below
             for folder, root in wanted.items():
-                if folder not in self._watches and folder.is_dir():
+                if folder not in self._roots and folder.is_dir():
                     self._schedule(folder, root)
 
+    def _unwatch(self, folder: Path) -> None:
+        del self._roots[folder]
+        self._inotify.remove(folder)
+        self._polling.remove(folder)
+
     def _schedule(self, folder: Path, root: Path) -> None:
-        handler = _Handler(root, self.sink)
-        polling = self.kind_for(folder) == "poll" or folder in self.fell_back
-        observer = self._polling if polling else self._inotify
+        if self.kind_for(folder) == "poll" or folder in self.fell_back:
+            self._polling.add(folder, root)
+            self._roots[folder] = root
+            return
         try:
-            watch = observer.schedule(
-                handler, str(folder), recursive=False, event_filter=WATCHED_EVENTS
-            )
+            self._inotify.add(folder, root)
         except OSError as exc:
-            if observer is self._inotify and exc.errno in (errno.ENOSPC, errno.EMFILE):
+            if exc.errno in (errno.ENOSPC, errno.EMFILE):
                 log.warning(
                     WATCH_LIMIT_HELP,
                     extra={"fields": {"folder": str(folder), "action": "watch-fallback"}},
                 )
                 self.fell_back.add(folder)
-                observer = self._polling
-                watch = observer.schedule(
-                    handler, str(folder), recursive=False, event_filter=WATCHED_EVENTS
-                )
-            elif exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                return  # vanished between listing and watching; the next sync sees it
+                self._polling.add(folder, root)
+            elif exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+                return  # vanished (or unreadable); the next sync tries again, passes report it
             else:
                 raise
-        self._watches[folder] = (observer, watch, root)
+        self._roots[folder] = root
 
 
 def watch_plan(

@@ -2,7 +2,7 @@
 
 Timings from a smoke run mean nothing (tiny files, a shared CI machine); what is checked is
 that each harness completes, prints its target table, and that the slim output it verified is
-bit-identical. The three run side by side to stay within a CI budget.
+bit-identical. The four run side by side to stay within a CI budget.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ QUICK = {
     "bench_slim": ["1d output state_dict bit-identical", "1e start-up"],
     "bench_daemon": ["4a start-up reconcile", "3a idle CPU", "4b first read", "5a"],
     "bench_latency": ["2 inotify", "2 poll"],
+    "bench_trainer_cost": ["1a trainer throughput loss", "1b trainer step-time p99", "1d ckptd"],
 }
 
 

@@ -470,8 +470,8 @@ def test_deploy_command_lines_are_accepted_by_the_cli() -> None:
 # which systemd >= 254 uses too), SystemCallFilter= (the unit's own groups, expanded by
 # `systemd-analyze syscall-filter`; stricter than the unit: a call outside the list kills
 # ckptd with SIGSYS instead of failing with EPERM, so nothing is hidden),
-# RestrictAddressFamilies=, UMask= and, when root, User=/Group=. The mount namespace settings
-# (ProtectSystem=, PrivateTmp=, ...) are not emulated.
+# RestrictAddressFamilies=, UMask=, Nice=, IOSchedulingClass= and, when root, User=/Group=.
+# The mount namespace settings (ProtectSystem=, PrivateTmp=, ...) are not emulated.
 
 SANDBOX = r"""
 import ctypes, errno, json, os, sys
@@ -482,6 +482,12 @@ os.umask(spec["umask"])
 if spec["user"]:
     uid, gid = spec["user"]
     os.setgroups([]); os.setgid(gid); os.setuid(uid)
+# Nice= and IOSchedulingClass=idle, which systemd applies before the filter (ckptd then finds
+# them set and calls neither setpriority nor ioprio_set, which the filter denies)
+os.setpriority(os.PRIO_PROCESS, 0, spec["nice"])
+IOPRIO_SET = {"x86_64": 251, "aarch64": 30}[os.uname().machine]
+if spec["io_idle"] and libc.syscall(IOPRIO_SET, 1, 0, 3 << 13):  # WHO_PROCESS, self, idle
+    sys.exit("ioprio_set failed: " + os.strerror(ctypes.get_errno()))
 if libc.prctl(38, 1, 0, 0, 0):  # PR_SET_NO_NEW_PRIVS
     sys.exit("PR_SET_NO_NEW_PRIVS failed")
 if libc.prctl(65, 1, 0, 0, 0):  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
@@ -562,7 +568,8 @@ def sandbox(tmp_path: Path) -> Any:
         spec.write_text(
             json.dumps(
                 {"argv": argv, "syscalls": syscalls, "families": families, "user": user,
-                 "umask": int(settings["UMask"][-1], 8)}
+                 "umask": int(settings["UMask"][-1], 8), "nice": int(settings["Nice"][-1]),
+                 "io_idle": settings["IOSchedulingClass"][-1] == "idle"}
             )
         )  # fmt: skip
         return subprocess.Popen([sys.executable, str(script), str(spec)], **kw)

@@ -88,7 +88,7 @@ def test_watch_limit_falls_back_to_polling_and_says_what_to_do(
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "inotify watch limit reached")
 
-    monkeypatch.setattr(watcher._inotify, "schedule", full)
+    monkeypatch.setattr(watcher._inotify, "add", full)
     try:
         with caplog.at_level("WARNING", logger="ckptd.watch"):
             watcher.sync({tmp_path: tmp_path})

@@ -1,0 +1,148 @@
+"""One inotify reader and one polling thread, however many folders; watches follow the set."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, WatchDescriptor
+
+from ckptd.service.watch import Change, Watcher
+
+
+def folders(root: Path, n: int) -> dict[Path, Path]:
+    """``n`` work_dirs, each with a metric folder: folder -> work_dir."""
+    wanted = {}
+    for i in range(n):
+        work_dir = root / f"run-{i:03d}"
+        (work_dir / "vis_data").mkdir(parents=True)
+        wanted[work_dir] = work_dir
+        wanted[work_dir / "vis_data"] = work_dir
+    return wanted
+
+
+def wait_for(seen: list[Change], want: Callable[[Change], bool], timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(want(c) for c in list(seen)):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("mode", ["inotify", "poll"])
+def test_threads_do_not_grow_with_work_dirs(tmp_path: Path, mode: str) -> None:
+    before = threading.active_count()
+    seen: list[Change] = []
+    watcher = Watcher(mode, 0.2, seen.append)
+    watcher.start()
+    try:
+        watcher.sync(folders(tmp_path / "few", 2))
+        with_few = threading.active_count()
+        many = folders(tmp_path / "many", 150)
+        watcher.sync(many)
+        assert len(watcher.watched) == 300
+        assert set(watcher.watched.values()) == {mode}
+        assert threading.active_count() == with_few == before + 1
+        # and every one of the 300 folders is really watched, by that one thread
+        last = tmp_path / "many" / "run-149" / "vis_data" / "scalars.json"
+        time.sleep(0.3)  # the polling snapshot is taken at sync: a later write must differ
+        last.write_text("{}\n")
+        assert wait_for(seen, lambda c: c.path == last and c.root == last.parent.parent)
+    finally:
+        watcher.stop()
+    assert threading.active_count() == before
+
+
+def test_watches_follow_work_dirs_appearing_and_disappearing(tmp_path: Path) -> None:
+    seen: list[Change] = []
+    watcher = Watcher("inotify", 0.2, seen.append)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    try:
+        watcher.sync({a: a})
+        b.mkdir()
+        watcher.sync({a: a, b: b})  # b appeared
+        (b / "epoch_1.pth").write_bytes(b"x")
+        assert wait_for(seen, lambda c: c.root == b and c.closed_after_write)
+        watcher.sync({b: b})  # a no longer matched: its events stop
+        seen.clear()
+        (a / "epoch_1.pth").write_bytes(b"x")
+        (b / "epoch_2.pth").write_bytes(b"x")
+        assert wait_for(seen, lambda c: c.path.name == "epoch_2.pth")
+        assert not any(c.root == a for c in seen)
+        assert set(watcher.watched) == {b}
+    finally:
+        watcher.stop()
+
+
+def test_a_deleted_folder_is_watched_again_when_it_comes_back(tmp_path: Path) -> None:
+    seen: list[Change] = []
+    watcher = Watcher("inotify", 0.2, seen.append)
+    work_dir = tmp_path / "run"
+    metrics = work_dir / "vis_data"
+    metrics.mkdir(parents=True)
+    wanted = {work_dir: work_dir, metrics: work_dir}
+    try:
+        watcher.sync(wanted)
+        metrics.rmdir()
+        assert wait_for(seen, lambda c: c.path == metrics)
+        deadline = time.monotonic() + 5
+        while metrics in watcher.watched and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert set(watcher.watched) == {work_dir}  # the kernel dropped the watch (IN_IGNORED)
+        metrics.mkdir()
+        watcher.sync(wanted)
+        assert set(watcher.watched) == {work_dir, metrics}
+        seen.clear()
+        (metrics / "scalars.json").write_text("{}\n")
+        assert wait_for(seen, lambda c: c.path == metrics / "scalars.json")
+    finally:
+        watcher.stop()
+
+
+def test_queue_overflow_makes_every_watched_root_due(tmp_path: Path) -> None:
+    seen: list[Change] = []
+    watcher = Watcher("inotify", 0.2, seen.append)
+    wanted = folders(tmp_path, 5)
+    discovery = tmp_path
+    wanted[discovery] = discovery
+    try:
+        watcher.sync(wanted)
+        reader = watcher._inotify._reader()
+        # what InotifyFD's thread does with the kernel's IN_Q_OVERFLOW (wd -1): its own path
+        reader.handle_event(
+            InotifyEvent(WatchDescriptor(-1), InotifyConstants.IN_Q_OVERFLOW, 0, b"")
+        )
+        assert {c.root for c in seen} == set(wanted.values())
+    finally:
+        watcher.stop()
+
+
+def test_polling_sees_a_folder_go_and_come_back(tmp_path: Path) -> None:
+    seen: list[Change] = []
+    watcher = Watcher("poll", 0.1, seen.append)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    try:
+        watcher.sync({folder: folder})
+        folder.rmdir()
+        assert wait_for(seen, lambda c: c.path == folder)
+        folder.mkdir()
+        (folder / "epoch_3.pth").write_bytes(b"x")
+        assert wait_for(seen, lambda c: c.path == folder / "epoch_3.pth")
+    finally:
+        watcher.stop()
+
+
+def test_periodic_rediscovery_costs_at_most_its_share_of_a_core() -> None:
+    from ckptd.core.timings import Timings
+
+    timings = Timings(rediscover_every=10.0, rediscover_cpu_share=0.0025)
+    assert timings.rediscover_interval(0.002) == 10.0  # a few work_dirs: every 10 s
+    interval = timings.rediscover_interval(0.2)  # ~2,000 work_dirs
+    assert interval == pytest.approx(80.0)
+    assert 0.2 / interval <= 0.0025
