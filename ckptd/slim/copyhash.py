@@ -5,9 +5,10 @@ reflinks or server-side copy not even through the page cache), falling back to a
 read/write loop where the kernel refuses. ``ReadBackVerifier`` reads the output back while it is
 being written, for its sha256 and the CRC32 of each copied range: reading the *output* proves
 the bytes that landed on disk are the ones the source's central directory vouches for. hashlib
-and zlib release the GIL on large buffers, so hashing and checking overlap the copy, and the
-writeback of each copied chunk is started right away (``sync_file_range``), so the final fsync
-waits for the last chunk rather than for the whole file.
+and the CRC (``ckptd.slim.crc``) release the GIL on large buffers, so hashing and checking
+overlap the copy, and the writeback of each copied chunk is started right away
+(``sync_file_range``), so the final fsync waits for the last chunk rather than for the whole
+file.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import hashlib
 import os
 import sys
 import threading
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from ckptd.core.cancel import CancelToken, check
+from ckptd.slim.crc import crc32
 from ckptd.slim.torchzip import Copy
 
 # Bounds the latency of progress reports and of an abort, and how far the verifier threads lag
@@ -140,7 +141,7 @@ class ReadBackVerifier:
 
     The output is read back once, as it becomes final, into a small ring of buffers: the
     reading thread hashes each buffer while a second thread checks the CRCs of the copied
-    ranges in the same buffer (hashlib and zlib release the GIL, so the two run on two cores
+    ranges in the same buffer (hashlib and the CRC release the GIL, so the two run on two cores
     and the bytes are copied out of the page cache only once). Call ``advance(n)`` whenever
     the first ``n`` bytes are final, ``finish(total)`` for the hex digest (it raises what a
     thread raised: ``CrcMismatch``, ``OSError``, ``EOFError``), or ``abort()`` on the way out
@@ -261,7 +262,7 @@ class ReadBackVerifier:
                 lo = max(start, check.dest_offset)
                 hi = min(end, check.dest_offset + check.size)
                 if lo < hi:
-                    crc = zlib.crc32(view[lo - start : hi - start], crc)
+                    crc = crc32(view[lo - start : hi - start], crc)
                 if hi < check.dest_offset + check.size:
                     break  # the range goes on in the next buffer
                 if crc != check.crc32:

@@ -12,7 +12,6 @@ import contextlib
 import os
 import secrets
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,6 +22,7 @@ from ckptd.fs.durable import TEMP_PREFIX, atomic_output, fsync_dir
 from ckptd.fs.names import plain_name
 from ckptd.slim.artifact import ArtifactRequest, Scalar, WrittenArtifact, split_keep_keys
 from ckptd.slim.copyhash import CrcMismatch, write_archive
+from ckptd.slim.crc import crc32
 from ckptd.slim.errors import (
     ArtifactWriteError,
     CheckpointChangedError,
@@ -140,7 +140,7 @@ def _load_data_pkl(archive: SourceArchive) -> Any:
     except PickleRejected as exc:
         crc = 0
         for offset in range(0, entry.size, 1 << 20):  # a damaged record is not a hostile one
-            crc = zlib.crc32(read(offset, min(1 << 20, entry.size - offset)), crc)
+            crc = crc32(read(offset, min(1 << 20, entry.size - offset)), crc)
         if crc != entry.crc32:
             raise crc_mismatch() from exc
         if isinstance(exc, PickleTooLarge):
