@@ -136,6 +136,38 @@ class _Writeback:
         self._done = upto
 
 
+class _PageDrop:
+    """Drops the output's pages from the page cache behind the read-back, as the copy goes.
+
+    ``posix_fadvise(POSIX_FADV_DONTNEED)`` on a range the verifier is done with frees the pages
+    already written back and leaves the rest (still dirty or under writeback) alone; it never
+    waits. What is left is dropped after the fsync (``atomic_output(drop_cache=True)``), which
+    then has little to do: the drop costs the copying thread, not the end of the slim.
+    """
+
+    def __init__(self, fd: int, enabled: bool) -> None:
+        self._fd = fd
+        self._done = 0
+        self._enabled = enabled and hasattr(os, "posix_fadvise")
+
+    def drain(self, verifier: ReadBackVerifier, total: int) -> None:
+        """Drop behind the verifier until it is done with ``total`` bytes (the copy is over)."""
+        while self._enabled and total - self._done > COPY_CHUNK:
+            released = verifier.wait_released(self._done + COPY_CHUNK)
+            if released <= self._done + COPY_CHUNK:  # the verifier stopped (done or failed)
+                return
+            self.upto(released)
+
+    def upto(self, offset: int) -> None:
+        if not self._enabled or offset - self._done < COPY_CHUNK:
+            return
+        try:
+            os.posix_fadvise(self._fd, self._done, offset - self._done, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            self._enabled = False
+        self._done = offset
+
+
 class ReadBackVerifier:
     """sha256 of a file being written front to back, plus CRC32 checks of given ranges.
 
@@ -161,6 +193,7 @@ class ReadBackVerifier:
         self._sha = hashlib.sha256()
         self._buffers = [memoryview(bytearray(READ_CHUNK)) for _ in range(_BUFFERS)]
         self._free = list(range(_BUFFERS))  # buffers the CRC thread is done with
+        self.released = 0  # bytes both threads are done with: the output's pages may go
         self._filled: collections.deque[tuple[int, int, int]] = collections.deque()
         self._read_all = False  # the reading thread has handed over its last buffer
         self._threads = [
@@ -176,6 +209,13 @@ class ReadBackVerifier:
             self._cond.notify_all()
         if self.error is not None:
             raise self.error
+
+    def wait_released(self, beyond: int) -> int:
+        """Block until more than ``beyond`` bytes are released (or the threads stopped)."""
+        with self._cond:
+            while self.released <= beyond and not self._stop and not self._read_all:
+                self._cond.wait()
+            return self.released
 
     def finish(self, total: int) -> str:
         with self._cond:
@@ -270,6 +310,7 @@ class ReadBackVerifier:
                 k, crc = k + 1, 0
             with self._cond:
                 self._free.append(index)
+                self.released = end
                 self._cond.notify_all()
         if k < len(checks) and not self._stop:
             raise EOFError("the output ended before every copied range was checked")
@@ -283,12 +324,16 @@ def write_archive(
     total: int,
     progress: Callable[[int, int], None] | None,
     cancel: CancelToken | None = None,
+    *,
+    drop_pages: bool = False,
 ) -> str:
     """Write ``pieces`` (from ``layout_archive``) to ``fd`` (the file ``temp``), copying spans
     of ``src_fd`` and writing what ``Gather`` pieces make; return the output's sha256 once every
-    checked copy's CRC is verified."""
+    checked copy's CRC is verified. ``drop_pages``: drop the output's pages from the page cache
+    behind the verifier (see ``_PageDrop``)."""
     verifier = ReadBackVerifier(temp, [p for p in pieces if isinstance(p, Copy)])
     writeback = _Writeback(fd)
+    page_drop = _PageDrop(fd, drop_pages)
     if hasattr(os, "posix_fadvise"):  # read-ahead for a cold source (a no-op when cached)
         with contextlib.suppress(OSError):
             os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -307,6 +352,7 @@ def write_archive(
             def on_chunk(done: int, start: int = pos) -> None:
                 verifier.advance(start + done)
                 writeback.start(start + done)
+                page_drop.upto(verifier.released)
                 check(cancel)
                 if progress is not None:
                     progress(start + done, total)
@@ -326,7 +372,9 @@ def write_archive(
         pos += len(pending)
         if pos != total:
             raise AssertionError(f"wrote {pos} bytes of a {total}-byte layout")
+        verifier.advance(total)
         writeback.start(total)
+        page_drop.drain(verifier, total)
         sha256 = verifier.finish(total)
     except BaseException:
         verifier.abort()

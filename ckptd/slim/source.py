@@ -45,6 +45,8 @@ from ckptd.slim.safepickle import (
 from ckptd.slim.torchzip import SourceArchive
 
 _MAX_SMALL_RECORD = 64
+# An artifact's pages leave the page cache once durable (measured in docs/performance.md).
+DROP_ARTIFACT_PAGES = True
 
 
 class CheckpointSource:
@@ -204,7 +206,7 @@ def write_output(
     staged = final_name if named else f"{TEMP_PREFIX}{secrets.token_hex(4)}-staged{staged_suffix}"
     target = dest_dir / staged
     try:
-        with atomic_output(target) as (fd, temp):
+        with atomic_output(target, drop_cache=DROP_ARTIFACT_PAGES) as (fd, temp):
             try:
                 sha256 = write(fd, temp)
             except CrcMismatch as exc:
@@ -273,7 +275,16 @@ def write_single_file(
             dest_dir,
             final_name,
             staged_suffix,
-            lambda fd, temp: write_archive(source.fd, fd, temp, pieces, total, progress, cancel),
+            lambda fd, temp: write_archive(
+                source.fd,
+                fd,
+                temp,
+                pieces,
+                total,
+                progress,
+                cancel,
+                drop_pages=DROP_ARTIFACT_PAGES,
+            ),
         )
     finally:
         source.close()
