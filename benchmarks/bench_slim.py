@@ -363,7 +363,8 @@ def main() -> int:
         label = f"{fmt_bytes(big.source_bytes)} AdamW"
         verdicts += floor_verdicts(label, big.wall, "ckptd slim", big.rss("ckptd slim"))
         if f"ckptd slim{COLD}" in big.runs:  # item 4: the slow path is reported, not targeted
-            cold = floor_verdicts(label + COLD, big.wall, f"ckptd slim{COLD}", float("nan"))[0]
+            way = f"ckptd slim{COLD}"
+            cold = floor_verdicts(label + COLD, big.wall, way, float("nan"), COLD)[0]
             verdicts.append(Verdict(f"4 {cold.what[3:]}", cold.figure, "(info)", None))
     peak = max(r.rss("ckptd slim") for r in results)
     verdicts.append(

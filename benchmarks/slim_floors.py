@@ -85,13 +85,14 @@ def resident_bytes(path: Path) -> int:
 
 
 def floor_verdicts(
-    label: str, wall: Callable[[str], float], way: str, rss_mib: float
+    label: str, wall: Callable[[str], float], way: str, rss_mib: float, suffix: str = ""
 ) -> list[Verdict]:
-    """Item 3 on the big case: ``way``'s wall against each floor and ``cp``, and its RSS."""
+    """Item 3 on the big case: ``way``'s wall against each floor and ``cp``, and its RSS; the
+    floors' runs are the ones named with ``suffix`` (the cold runs for a cold ``way``)."""
     slim = wall(way)
-    floor = max(wall(SHA256_FLOOR), wall(DURABLE_FLOOR))
+    floor = max(wall(SHA256_FLOOR + suffix), wall(DURABLE_FLOOR + suffix))
     ratios = ", ".join(
-        f"{slim / wall(w):.2f}x {w.split(' (')[0]} ({fmt_s(wall(w))})"
+        f"{slim / wall(w + suffix):.2f}x {w.split(' (')[0]} ({fmt_s(wall(w + suffix))})"
         for w in (SHA256_FLOOR, DURABLE_FLOOR, CP)
     )
     return [

@@ -4,11 +4,15 @@ The copy uses ``copy_file_range`` (no bytes pass through this process; on filesy
 reflinks or server-side copy not even through the page cache), falling back to a bounded
 read/write loop where the kernel refuses. ``ReadBackVerifier`` reads the output back while it is
 being written, for its sha256 and the CRC32 of each copied range: reading the *output* proves
-the bytes that landed on disk are the ones the source's central directory vouches for. hashlib
-and the CRC (``ckptd.slim.crc``) release the GIL on large buffers, so hashing and checking
-overlap the copy, and the writeback of each copied chunk is started right away
-(``sync_file_range``), so the final fsync waits for the last chunk rather than for the whole
-file.
+the bytes the file holds are the ones the source's central directory vouches for, whatever
+the copy did (hashing the source ranges instead would cost the same read and hash, and would
+not catch a copy that went wrong: a kernel or filesystem copy bug would then put a sha256 in
+the manifest that the file does not have). hashlib and the CRC (``ckptd.slim.crc``) release
+the GIL on large buffers, so hashing and checking overlap the copy; the writeback of each
+copied chunk is started right away (``sync_file_range``), so the final fsync waits for the last
+chunk rather than for the whole file; and with ``drop_pages`` the output's pages leave the page
+cache behind the read-back, so a slim leaves no residue a trainer's data loader would compete
+with (``_PageDrop``).
 """
 
 from __future__ import annotations

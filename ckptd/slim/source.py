@@ -199,7 +199,8 @@ def write_output(
     Shared by every file writer of the package: the source is re-checked once the bytes are
     written (a checkpoint rewritten meanwhile is not slimmed), a CRC mismatch or a short read
     becomes the right ``SlimError``, and a name made from the sha256 is applied by a rename of
-    the staged file. Returns the final path and the sha256.
+    the staged file. The artifact's pages are dropped from the page cache once durable
+    (``DROP_ARTIFACT_PAGES``). Returns the final path and the sha256.
     """
     src = source.path
     named = isinstance(final_name, str)
