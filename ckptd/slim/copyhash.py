@@ -12,7 +12,7 @@ the GIL on large buffers, so hashing and checking overlap the copy; the writebac
 copied chunk is started right away (``sync_file_range``), so the final fsync waits for the last
 chunk rather than for the whole file; and with ``drop_pages`` the output's pages leave the page
 cache behind the read-back, so a slim leaves no residue a trainer's data loader would compete
-with (``_PageDrop``).
+with (``ckptd.slim.pagecache``).
 """
 
 from __future__ import annotations
@@ -20,16 +20,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import functools
 import hashlib
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from ckptd.core.cancel import CancelToken, check
 from ckptd.slim.crc import crc32
+from ckptd.slim.pagecache import PageDrop, ReadAhead, Writeback
 from ckptd.slim.torchzip import Copy
 
 # Bounds the latency of progress reports and of an abort, and how far the verifier threads lag
@@ -99,77 +98,6 @@ def copy_range(
             raise EOFError(f"source ended {size - done} bytes early")
         done += copied
         on_chunk(done)
-
-
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>; the os module has no sync_file_range
-
-
-@functools.cache
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``sync_file_range`` (Linux), or None where there is none."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes  # only a slim needs it: not at daemon start
-
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
-
-
-class _Writeback:
-    """Starts writeback of the output as it is written, so the final fsync has little left.
-
-    ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` only queues the pages for writing; durability
-    still comes from the fsync in ``atomic_output``. Where it is not supported it is skipped.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._done = 0
-        self._call = _sync_file_range()
-
-    def start(self, upto: int) -> None:
-        if self._call is None or upto <= self._done:
-            return
-        if self._call(self._fd, self._done, upto - self._done, _SYNC_FILE_RANGE_WRITE) != 0:
-            self._call = None  # e.g. a filesystem that refuses: the fsync does it all
-        self._done = upto
-
-
-class _PageDrop:
-    """Drops the output's pages from the page cache behind the read-back, as the copy goes.
-
-    ``posix_fadvise(POSIX_FADV_DONTNEED)`` on a range the verifier is done with frees the pages
-    already written back and leaves the rest (still dirty or under writeback) alone; it never
-    waits. What is left is dropped after the fsync (``atomic_output(drop_cache=True)``), which
-    then has little to do: the drop costs the copying thread, not the end of the slim.
-    """
-
-    def __init__(self, fd: int, enabled: bool) -> None:
-        self._fd = fd
-        self._done = 0
-        self._enabled = enabled and hasattr(os, "posix_fadvise")
-
-    def drain(self, verifier: ReadBackVerifier, total: int) -> None:
-        """Drop behind the verifier until it is done with ``total`` bytes (the copy is over)."""
-        while self._enabled and total - self._done > COPY_CHUNK:
-            released = verifier.wait_released(self._done + COPY_CHUNK)
-            if released <= self._done + COPY_CHUNK:  # the verifier stopped (done or failed)
-                return
-            self.upto(released)
-
-    def upto(self, offset: int) -> None:
-        if not self._enabled or offset - self._done < COPY_CHUNK:
-            return
-        try:
-            os.posix_fadvise(self._fd, self._done, offset - self._done, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            self._enabled = False
-        self._done = offset
 
 
 class ReadBackVerifier:
@@ -334,15 +262,18 @@ def write_archive(
     """Write ``pieces`` (from ``layout_archive``) to ``fd`` (the file ``temp``), copying spans
     of ``src_fd`` and writing what ``Gather`` pieces make; return the output's sha256 once every
     checked copy's CRC is verified. ``drop_pages``: drop the output's pages from the page cache
-    behind the verifier (see ``_PageDrop``)."""
-    verifier = ReadBackVerifier(temp, [p for p in pieces if isinstance(p, Copy)])
-    writeback = _Writeback(fd)
-    page_drop = _PageDrop(fd, drop_pages)
+    behind the verifier (see ``pagecache.PageDrop``)."""
+    copies = [p for p in pieces if isinstance(p, Copy)]
+    verifier = ReadBackVerifier(temp, copies)
+    writeback = Writeback(fd)
+    page_drop = PageDrop(fd, drop_pages)
+    read_ahead = ReadAhead(src_fd, [(c.source_offset, c.size) for c in copies])
+    read_ahead.upto(0)
     if hasattr(os, "posix_fadvise"):  # read-ahead for a cold source (a no-op when cached)
         with contextlib.suppress(OSError):
             os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
     try:
-        pos = 0
+        pos = copied = 0
         pending = bytearray()
         for piece in pieces:
             if isinstance(piece, bytes):
@@ -352,8 +283,13 @@ def write_archive(
             pos += len(pending)
             pending.clear()
             verifier.advance(pos)
+            is_copy = isinstance(piece, Copy)
 
-            def on_chunk(done: int, start: int = pos) -> None:
+            def on_chunk(
+                done: int, start: int = pos, before: int = copied, copying: bool = is_copy
+            ) -> None:
+                if copying:
+                    read_ahead.upto(before + done)
                 verifier.advance(start + done)
                 writeback.start(start + done)
                 page_drop.upto(verifier.released)
@@ -363,6 +299,7 @@ def write_archive(
 
             if isinstance(piece, Copy):
                 copy_range(src_fd, piece.source_offset, fd, pos, piece.size, on_chunk)
+                copied += piece.size
             else:
                 done = 0
                 for chunk in piece.chunks(src_fd):
@@ -378,7 +315,7 @@ def write_archive(
             raise AssertionError(f"wrote {pos} bytes of a {total}-byte layout")
         verifier.advance(total)
         writeback.start(total)
-        page_drop.drain(verifier, total)
+        page_drop.drain(verifier.wait_released, total)
         sha256 = verifier.finish(total)
     except BaseException:
         verifier.abort()
