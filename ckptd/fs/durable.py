@@ -36,12 +36,27 @@ def temp_path_for(final: Path) -> Path:
     return final.parent / f"{TEMP_PREFIX}{secrets.token_hex(4)}-{final.name}"
 
 
+def drop_cached_pages(fd: int) -> None:
+    """Ask the kernel to drop the file's clean pages from the page cache (a hint: no error).
+
+    Only pages already written back can go, so call it after the fsync. ckptd's artifacts are
+    written once and not read again by this host soon, and a trainer's data loader wants the
+    memory; see docs/performance.md for what it costs and what it frees.
+    """
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 @contextlib.contextmanager
-def atomic_output(final: Path, mode: int = 0o644) -> Iterator[tuple[int, Path]]:
+def atomic_output(
+    final: Path, mode: int = 0o644, *, drop_cache: bool = False
+) -> Iterator[tuple[int, Path]]:
     """Yield ``(fd, temp_path)`` for writing; on success the temp file becomes ``final``.
 
     The caller writes through ``fd``; this helper fsyncs, renames over ``final`` and fsyncs the
-    folder. On any exception the temp file is removed and ``final`` is untouched.
+    folder. On any exception the temp file is removed and ``final`` is untouched. With
+    ``drop_cache`` the file's pages leave the page cache once they are durable.
     """
     temp = temp_path_for(final)
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
@@ -50,6 +65,8 @@ def atomic_output(final: Path, mode: int = 0o644) -> Iterator[tuple[int, Path]]:
         os.fchmod(fd, mode)
         yield fd, temp
         os.fsync(fd)
+        if drop_cache:
+            drop_cached_pages(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import array
 import os
 import struct
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 from ckptd.core.cancel import CancelToken, check
 from ckptd.slim.copyhash import CrcMismatch, crc32_combine, write_archive
+from ckptd.slim.crc import crc32
 from ckptd.slim.errors import CheckpointChangedError, CorruptCheckpointError
 from ckptd.slim.picklewriter import PickleWriter
 from ckptd.slim.safepickle import StorageRef, stand_in
@@ -158,7 +158,7 @@ def tensor_crcs(
         for at in range(record.offset, end, _CHUNK):
             check(cancel)
             data = _pread(record.fd, min(_CHUNK, end - at), at, record.path)
-            crc = zlib.crc32(data, crc)
+            crc = crc32(data, crc)
             while first < len(inside) and inside[first][2].offset + inside[first][2].size <= at:
                 first += 1
             for t, p, part in inside[first:]:
@@ -166,7 +166,7 @@ def tensor_crcs(
                     break
                 lo, hi = max(part.offset, at), min(part.offset + part.size, at + len(data))
                 if lo < hi:
-                    part_crcs[t, p] = zlib.crc32(data[lo - at : hi - at], part_crcs.get((t, p), 0))
+                    part_crcs[t, p] = crc32(data[lo - at : hi - at], part_crcs.get((t, p), 0))
         if crc != record.crc32:
             raise CorruptCheckpointError(record.path, f"has a CRC mismatch in {record.name}.")
     out = []
@@ -174,7 +174,7 @@ def tensor_crcs(
         if tensor.source_dtype is not None:
             crc = 0
             for chunk in _Converted(tensor, records[0].path if records else Path()).chunks(-1):
-                crc = zlib.crc32(chunk, crc)
+                crc = crc32(chunk, crc)
             out.append(crc)
             continue
         crc = 0

@@ -4,10 +4,15 @@ The copy uses ``copy_file_range`` (no bytes pass through this process; on filesy
 reflinks or server-side copy not even through the page cache), falling back to a bounded
 read/write loop where the kernel refuses. ``ReadBackVerifier`` reads the output back while it is
 being written, for its sha256 and the CRC32 of each copied range: reading the *output* proves
-the bytes that landed on disk are the ones the source's central directory vouches for. hashlib
-and zlib release the GIL on large buffers, so hashing and checking overlap the copy, and the
-writeback of each copied chunk is started right away (``sync_file_range``), so the final fsync
-waits for the last chunk rather than for the whole file.
+the bytes the file holds are the ones the source's central directory vouches for, whatever
+the copy did (hashing the source ranges instead would cost the same read and hash, and would
+not catch a copy that went wrong: a kernel or filesystem copy bug would then put a sha256 in
+the manifest that the file does not have). hashlib and the CRC (``ckptd.slim.crc``) release
+the GIL on large buffers, so hashing and checking overlap the copy; the writeback of each
+copied chunk is started right away (``sync_file_range``), so the final fsync waits for the last
+chunk rather than for the whole file; and with ``drop_pages`` the output's pages leave the page
+cache behind the read-back, so a slim leaves no residue a trainer's data loader would compete
+with (``ckptd.slim.pagecache``).
 """
 
 from __future__ import annotations
@@ -15,16 +20,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import functools
 import hashlib
 import os
-import sys
 import threading
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from ckptd.core.cancel import CancelToken, check
+from ckptd.slim.crc import crc32
+from ckptd.slim.pagecache import PageDrop, ReadAhead, Writeback
 from ckptd.slim.torchzip import Copy
 
 # Bounds the latency of progress reports and of an abort, and how far the verifier threads lag
@@ -131,51 +135,12 @@ def copy_range(
         on_chunk(done)
 
 
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>; the os module has no sync_file_range
-
-
-@functools.cache
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``sync_file_range`` (Linux), or None where there is none."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes  # only a slim needs it: not at daemon start
-
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
-
-
-class _Writeback:
-    """Starts writeback of the output as it is written, so the final fsync has little left.
-
-    ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` only queues the pages for writing; durability
-    still comes from the fsync in ``atomic_output``. Where it is not supported it is skipped.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._done = 0
-        self._call = _sync_file_range()
-
-    def start(self, upto: int) -> None:
-        if self._call is None or upto <= self._done:
-            return
-        if self._call(self._fd, self._done, upto - self._done, _SYNC_FILE_RANGE_WRITE) != 0:
-            self._call = None  # e.g. a filesystem that refuses: the fsync does it all
-        self._done = upto
-
-
 class ReadBackVerifier:
     """sha256 of a file being written front to back, plus CRC32 checks of given ranges.
 
     The output is read back once, as it becomes final, into a small ring of buffers: the
     reading thread hashes each buffer while a second thread checks the CRCs of the copied
-    ranges in the same buffer (hashlib and zlib release the GIL, so the two run on two cores
+    ranges in the same buffer (hashlib and the CRC release the GIL, so the two run on two cores
     and the bytes are copied out of the page cache only once). Call ``advance(n)`` whenever
     the first ``n`` bytes are final, ``finish(total)`` for the hex digest (it raises what a
     thread raised: ``CrcMismatch``, ``OSError``, ``EOFError``), or ``abort()`` on the way out
@@ -195,6 +160,7 @@ class ReadBackVerifier:
         self._sha = hashlib.sha256()
         self._buffers = [memoryview(bytearray(READ_CHUNK)) for _ in range(_BUFFERS)]
         self._free = list(range(_BUFFERS))  # buffers the CRC thread is done with
+        self.released = 0  # bytes both threads are done with: the output's pages may go
         self._filled: collections.deque[tuple[int, int, int]] = collections.deque()
         self._read_all = False  # the reading thread has handed over its last buffer
         self._threads = [
@@ -210,6 +176,13 @@ class ReadBackVerifier:
             self._cond.notify_all()
         if self.error is not None:
             raise self.error
+
+    def wait_released(self, beyond: int) -> int:
+        """Block until more than ``beyond`` bytes are released (or the threads stopped)."""
+        with self._cond:
+            while self.released <= beyond and not self._stop and not self._read_all:
+                self._cond.wait()
+            return self.released
 
     def finish(self, total: int) -> str:
         with self._cond:
@@ -296,7 +269,7 @@ class ReadBackVerifier:
                 lo = max(start, check.dest_offset)
                 hi = min(end, check.dest_offset + check.size)
                 if lo < hi:
-                    crc = zlib.crc32(view[lo - start : hi - start], crc)
+                    crc = crc32(view[lo - start : hi - start], crc)
                 if hi < check.dest_offset + check.size:
                     break  # the range goes on in the next buffer
                 if crc != check.crc32:
@@ -304,6 +277,7 @@ class ReadBackVerifier:
                 k, crc = k + 1, 0
             with self._cond:
                 self._free.append(index)
+                self.released = end
                 self._cond.notify_all()
         if k < len(checks) and not self._stop:
             raise EOFError("the output ended before every copied range was checked")
@@ -318,18 +292,27 @@ def write_archive(
     progress: Callable[[int, int], None] | None,
     cancel: CancelToken | None = None,
     checks: Sequence[Copy] = (),
+    *,
+    drop_pages: bool = False,
 ) -> str:
     """Write ``pieces`` (from ``layout_archive``) to ``fd`` (the file ``temp``), copying spans
-    of ``src_fd`` (or of a copy's own ``source_fd``) and writing what ``Gather`` pieces make;
-    return the output's sha256 once every checked copy's CRC, and every output range in
-    ``checks`` (pieced together from several copies), is verified."""
-    verifier = ReadBackVerifier(temp, [*(p for p in pieces if isinstance(p, Copy)), *checks])
-    writeback = _Writeback(fd)
+    of ``src_fd`` (or of a copy's own ``fd``) and writing what ``Gather`` pieces make; return
+    the output's sha256 once every checked copy's CRC, and every output range in ``checks``
+    (pieced together from several copies), is verified. ``drop_pages``: drop the output's
+    pages from the page cache behind the verifier (see ``pagecache.PageDrop``)."""
+    copies = [p for p in pieces if isinstance(p, Copy)]
+    verifier = ReadBackVerifier(temp, [*copies, *checks])
+    writeback = Writeback(fd)
+    page_drop = PageDrop(fd, drop_pages)
+    # Read-ahead follows the copies out of ``src_fd``; copies from their own fds (the shards
+    # of a consolidation) are each one sequential range and need no hint.
+    read_ahead = ReadAhead(src_fd, [(c.source_offset, c.size) for c in copies if c.fd < 0])
+    read_ahead.upto(0)
     if hasattr(os, "posix_fadvise"):  # read-ahead for a cold source (a no-op when cached)
         with contextlib.suppress(OSError):
             os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
     try:
-        pos = 0
+        pos = copied = 0
         pending = bytearray()
         for piece in pieces:
             if isinstance(piece, bytes):
@@ -339,17 +322,26 @@ def write_archive(
             pos += len(pending)
             pending.clear()
             verifier.advance(pos)
+            is_copy = isinstance(piece, Copy) and piece.fd < 0
 
-            def on_chunk(done: int, start: int = pos) -> None:
+            def on_chunk(
+                done: int, start: int = pos, before: int = copied, copying: bool = is_copy
+            ) -> None:
+                if copying:
+                    read_ahead.upto(before + done)
                 verifier.advance(start + done)
                 writeback.start(start + done)
+                page_drop.upto(verifier.released)
                 check(cancel)
                 if progress is not None:
                     progress(start + done, total)
 
             if isinstance(piece, Copy):
-                from_fd = src_fd if piece.fd < 0 else piece.fd
+                from_src = piece.fd < 0
+                from_fd = src_fd if from_src else piece.fd
                 copy_range(from_fd, piece.source_offset, fd, pos, piece.size, on_chunk)
+                if from_src:
+                    copied += piece.size
             else:
                 done = 0
                 for chunk in piece.chunks(src_fd):
@@ -363,7 +355,9 @@ def write_archive(
         pos += len(pending)
         if pos != total:
             raise AssertionError(f"wrote {pos} bytes of a {total}-byte layout")
+        verifier.advance(total)
         writeback.start(total)
+        page_drop.drain(verifier.wait_released, total)
         sha256 = verifier.finish(total)
     except BaseException:
         verifier.abort()

@@ -23,7 +23,6 @@ import itertools
 import math
 import os
 import stat as statmod
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 from ckptd.core.model import FileStat
 from ckptd.fs.delete import DIR_FLAGS, NotPlainTree, tree_stat_fd
 from ckptd.slim.copyhash import crc32_combine
+from ckptd.slim.crc import crc32
 from ckptd.slim.dcp_metadata import (
     MAX_METADATA_BYTES,
     METADATA_FILE,
@@ -347,7 +347,7 @@ def _crc_of(fd: int, offset: int, size: int) -> int:
         data = os.pread(fd, min(_GATHER_BUFFER, size - done), offset + done)
         if not data:
             raise EOFError(f"a chunk ended {size - done} bytes early")
-        crc, done = zlib.crc32(data, crc), done + len(data)
+        crc, done = crc32(data, crc), done + len(data)
     return crc
 
 
@@ -384,8 +384,8 @@ class RunGather:
         crc = 0
         by_chunk: dict[int, int] = {}
         for c, data in self._pieces():
-            crc = zlib.crc32(data, crc)
-            by_chunk[id(c)] = zlib.crc32(data, by_chunk.get(id(c), 0))
+            crc = crc32(data, crc)
+            by_chunk[id(c)] = crc32(data, by_chunk.get(id(c), 0))
         for c in self.plan.chunks:
             if c.crc32 is not None and by_chunk.get(id(c), 0) != c.crc32:
                 raise CorruptCheckpointError(

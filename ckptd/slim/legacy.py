@@ -22,10 +22,10 @@ one of these (``torch.save`` writes front to back); so does a truncated one.
 from __future__ import annotations
 
 import os
-import zlib
 from pathlib import Path
 from typing import Any
 
+from ckptd.slim.crc import crc32
 from ckptd.slim.errors import CheckpointChangedError, CorruptCheckpointError, SlimError
 from ckptd.slim.pickle_allowlist import STORAGE_TYPES
 from ckptd.slim.safepickle import (
@@ -62,7 +62,7 @@ class _Entries(dict[str, Entry]):
         crc, done = 0, 0
         while done < entry.size:
             n = min(_CRC_CHUNK, entry.size - done)
-            crc = zlib.crc32(self._archive.pread(n, entry.header_offset + done), crc)
+            crc = crc32(self._archive.pread(n, entry.header_offset + done), crc)
             done += n
         dict.__setitem__(self, name, Entry(name, entry.raw_name, entry.header_offset,
                                            entry.size, crc, entry.limit))  # fmt: skip
@@ -155,9 +155,7 @@ class LegacyArchive:
         if missing:
             raise self._corrupt(f"does not hold the storage {sorted(missing)[0]!r}")
         for name, data in _RECORDS.items():
-            dict.__setitem__(
-                self.entries, name, Entry(name, b"", -1, len(data), zlib.crc32(data), -1)
-            )
+            dict.__setitem__(self.entries, name, Entry(name, b"", -1, len(data), crc32(data), -1))
             if isinstance(self.entries, _Entries):
                 self.entries._done.add(name)
 

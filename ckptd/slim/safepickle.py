@@ -27,10 +27,11 @@ import io
 import pickle
 import pickletools
 import secrets
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from ckptd.slim.crc import crc32
 
 __all__ = [
     "Blob",
@@ -300,7 +301,7 @@ class _Stream:
         while self.fetched < end:
             n = min(_STREAM_CHUNK, self.size - self.fetched)
             data = self._read(self.fetched, n)
-            self.crc = zlib.crc32(data, self.crc)
+            self.crc = crc32(data, self.crc)
             skip = min(max(0, keep_from - self.fetched), n)  # only while jumping a payload
             if skip:
                 self.start = self.fetched + skip
@@ -313,7 +314,7 @@ class _Stream:
         """Read the rest (for the CRC) and return the CRC of the whole record."""
         while self.fetched < self.size:
             n = min(_STREAM_CHUNK, self.size - self.fetched)
-            self.crc = zlib.crc32(self._read(self.fetched, n), self.crc)
+            self.crc = crc32(self._read(self.fetched, n), self.crc)
             self.fetched += n
         self.buf = bytearray()
         self.start = self.fetched

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -23,6 +22,7 @@ from ckptd.core.cancel import CancelToken
 from ckptd.slim.artifact import (
     WrittenArtifact,
 )
+from ckptd.slim.crc import crc32
 from ckptd.slim.errors import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
@@ -149,7 +149,7 @@ def zip_records(
         raise CorruptCheckpointError(source.path, f"has a bad byteorder record {byteorder!r}.")
 
     def memory(name: str, data: bytes) -> OutRecord:
-        return OutRecord(name, len(data), zlib.crc32(data), data=data)
+        return OutRecord(name, len(data), crc32(data), data=data)
 
     identity = hashlib.sha256(data_pkl)
     for _, rec in copies:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from ckptd.slim.crc import crc32
 from ckptd.slim.errors import (
     CheckpointChangedError,
     CorruptCheckpointError,
@@ -334,7 +334,7 @@ class SourceArchive:
                 f"ckptd refuses records of this kind above {max_size} bytes."
             )
         data = _pread(self.fd, entry.size, self.data_offset(entry), self.path)
-        if zlib.crc32(data) != entry.crc32:
+        if crc32(data) != entry.crc32:
             raise self._corrupt(f"has a CRC mismatch in {self.prefix}/{name}.")
         return data
 
