@@ -19,10 +19,11 @@ At a cut, ``image(model, rng)`` is what survives:
 * ``strict``: exactly the durable image;
 * ``reorder``: the kernel may also have written some pending work back early, in any order it
   likes across files and directories, but in order within each: every directory has a random
-  prefix of its pending entry operations applied (ext4 and XFS commit metadata through an
-  ordered journal, so a later operation never lands without the earlier ones of the same
-  directory; across directories nothing is assumed), and every file a random prefix of its
-  pending writes, the last of them torn at a random byte half the time.
+  prefix (all, none or any, a third of the time each) of its pending entry operations applied
+  (ext4 and XFS commit metadata through an ordered journal, so a later operation never lands
+  without the earlier ones of the same directory; across directories nothing is assumed), and
+  every file a random prefix (chosen the same way) of its pending writes, the last of them
+  torn at a random byte half the time.
 
 Whatever is unreachable from the root in the image is gone. The model is plain data; the FUSE
 server in ``tests.faults.powerfs_fuse`` drives it.
@@ -95,6 +96,8 @@ class PowerFS:
         self.entry_log: list[EntryOp] = []
         self.data_log: dict[int, list[tuple[int, bytes] | int]] = {}  # (offset, bytes) | size
         self.counts: dict[str, int] = {}  # operations by kind, e.g. "fsync"
+        # paths unlinked while their name and bytes were durable: what an unlink destroyed
+        self.durable_unlinks: list[str] = []
         for ino, d in (image or {ROOT: DurableNode(stat.S_IFDIR | 0o755)}).items():
             self.nodes[ino] = Node(d.mode, bytearray(d.data), dict(d.children), d.mtime_ns)
             self.durable[ino] = DurableNode(d.mode, d.data, dict(d.children), d.mtime_ns)
@@ -182,6 +185,9 @@ class PowerFS:
             raise _err(errno.EISDIR)
         if folder and node.children:
             raise _err(errno.ENOTEMPTY)
+        durable = self.durable[parent].children.get(name) == ino
+        if durable and not folder and self.durable[ino].data == node.data:
+            self.durable_unlinks.append("/" + "/".join(_parts(path)))
         del self.nodes[parent].children[name]
         node.nlink -= 1
         self._touch(parent)
@@ -276,7 +282,7 @@ class PowerFS:
             persisted: set[int] = set()  # ops already applied through their other folder
             for folder in sorted({d for op in pending for d in op.dirs}):
                 ops = [op for op in pending if folder in op.dirs and id(op) not in persisted]
-                for op in ops[: rng.randint(0, len(ops))]:
+                for op in ops[: _prefix(len(ops), rng)]:
                     _apply_entry(out, op)
                     persisted.add(id(op))
             for ino, log in self.data_log.items():
@@ -301,7 +307,7 @@ def _torn(durable: bytes, log: list[tuple[int, bytes] | int], rng: random.Random
     """A random prefix of the pending writes applied, the last one (half the time) cut at a
     random byte."""
     buf = bytearray(durable)
-    count = rng.randint(0, len(log))
+    count = _prefix(len(log), rng)
     for i, change in enumerate(log[:count]):
         if isinstance(change, int):
             del buf[change:]
@@ -314,6 +320,18 @@ def _torn(durable: bytes, log: list[tuple[int, bytes] | int], rng: random.Random
             buf.extend(bytes(offset - len(buf)))
         buf[offset : offset + len(data)] = data
     return bytes(buf)
+
+
+def _prefix(pending: int, rng: random.Random) -> int:
+    """How many of ``pending`` operations reached the disk: all of them a third of the time
+    (the journal committed, as ext4 does every 5 s, or writeback ran), none a third of the
+    time, else any number."""
+    draw = rng.random()
+    if draw < 1 / 3:
+        return pending
+    if draw < 2 / 3:
+        return 0
+    return rng.randint(0, pending)
 
 
 def _reachable(image: Image) -> Image:

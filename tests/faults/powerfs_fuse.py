@@ -241,12 +241,19 @@ class PowerOps:
             return None
         if command == "counts":
             return dict(self.fs.counts)
+        if command == "pending":  # for diagnosis: the entry operations not yet durable
+            return [(op.old, op.new, op.ino) for op in self.fs.entry_log if not op.applied]
         if command == "cut":
             model, seed, path = args
             self.cut = True
             image = self.fs.image(model, random.Random(seed))
             Path(path).write_bytes(pickle.dumps(image))
-            return dict(self.fs.counts)
+            return dict(self.fs.counts), list(self.fs.durable_unlinks)
+        if command == "what_if":  # the images cuts with these seeds would leave, no cut
+            model, seeds, paths = args
+            for seed, path in zip(seeds, paths, strict=True):
+                Path(path).write_bytes(pickle.dumps(self.fs.image(model, random.Random(seed))))
+            return list(self.fs.durable_unlinks)
         raise ValueError(command)
 
 
@@ -316,10 +323,18 @@ class PowerMount:
     def counts(self) -> dict[str, int]:
         return self._ask("counts")
 
-    def cut(self, model: Model, seed: int) -> dict[str, int]:
-        """The power goes out now; returns the operation counts of this life."""
+    def cut(self, model: Model, seed: int) -> tuple[dict[str, int], list[str]]:
+        """The power goes out now: the operation counts of this life, and the paths (from the
+        mountpoint, '/'-rooted) an unlink removed while their name and bytes were durable."""
         self.image = self.scratch / f"image-{self.lives}.pickle"
         return self._ask("cut", model, seed, str(self.image))
+
+    def what_if(self, model: Model, seeds: list[int]) -> tuple[list[Path], list[str]]:
+        """The images cuts with ``seeds`` would leave now (for ``reboot(image)``), without
+        cutting; and the durable unlinks so far (see ``cut``)."""
+        paths = [self.scratch / f"what-if-{self.lives}-{seed}.pickle" for seed in seeds]
+        unlinked = self._ask("what_if", model, seeds, [str(p) for p in paths])
+        return paths, unlinked
 
     def unmount(self) -> None:
         if self.conn is not None:
@@ -339,9 +354,10 @@ class PowerMount:
             self.proc.wait()
         self.proc = None
 
-    def reboot(self) -> None:
-        """Unmount the dead filesystem and mount what survived the cut."""
+    def reboot(self, image: Path | None = None) -> None:
+        """Unmount the dead filesystem and mount what survived the cut (or ``image``)."""
         self.unmount()
+        self.image = image or self.image
         self.mount()
 
     def __enter__(self) -> PowerMount:
