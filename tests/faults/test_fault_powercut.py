@@ -16,8 +16,9 @@ work). ``tests.faults.powercut.judge_cut`` checks each rebooted disk; through ev
 The trainer never fsyncs (MMEngine does not: ``torch.save`` into an open file, flushed, closed),
 so its own recent checkpoints are lost at a cut; those are counted as the trainer's losses.
 
-``CKPTD_POWERCUT_RUNS`` (default 16 runs of 3 cuts), ``CKPTD_POWERCUT_LANES`` (default 2) and
-``CKPTD_POWERCUT_SEED`` scale and replay it.
+``CKPTD_POWERCUT_RUNS`` (default 8 runs of ``CKPTD_POWERCUT_CUTS`` = 3 cuts each),
+``CKPTD_POWERCUT_LANES`` (runs in parallel, default 2) and ``CKPTD_POWERCUT_SEED`` scale and
+replay it.
 """
 
 from __future__ import annotations
@@ -261,7 +262,7 @@ def test_power_cut_anywhere_loses_nothing_ckptd_protects(
     reason = unavailable()
     if reason:
         pytest.skip(reason)
-    runs = int(env_number("CKPTD_POWERCUT_RUNS", 16))
+    runs = int(env_number("CKPTD_POWERCUT_RUNS", 8))
     lanes = int(env_number("CKPTD_POWERCUT_LANES", 2))
     cuts = int(env_number("CKPTD_POWERCUT_CUTS", 3))
     base_seed = int(env_number("CKPTD_POWERCUT_SEED", 1))
@@ -316,7 +317,7 @@ def _sum_counts(counts: Any) -> dict[str, int]:
 CUTS_PER_DELETION = 20
 
 
-@pytest.mark.parametrize("keep_last", [1, 2])
+@pytest.mark.parametrize("keep_last", [1])
 def test_a_deletion_never_outlives_what_justified_it(tmp_path: Path, keep_last: int) -> None:
     """Old checkpoints, long on disk, are deleted because newer ones arrived (which the trainer
     never fsynced): every cut that keeps the deletion must keep the newer ones as well, and
