@@ -104,10 +104,11 @@ def judge_cut(
     trainer_present: dict[str, int],
     had_artifact: bool,
     remote: Path | None = None,
+    artifact_dir: Path | None = None,
 ) -> CutVerdict:
     """Everything checked on the rebooted disk (see the module docstring)."""
     verdict = CutVerdict()
-    artifact_dir = work_dir / "best"
+    artifact_dir = artifact_dir or work_dir / "best"
     verdict.problems += [f"artifact: {p}" for p in artifact_problems(artifact_dir)]
     indices = valid_artifact_indices(artifact_dir) if not verdict.problems else []
     verdict.has_artifact = bool(indices)

@@ -365,3 +365,48 @@ def test_a_deletion_never_outlives_what_justified_it(tmp_path: Path, keep_last: 
             verdict = judge_cut(work_dir, recording, recording.metric, deleted, present, True)
             problems += [f"seed {seed}: {p}" for p in verdict.problems]
     assert not problems, "\n".join(problems)
+
+
+def test_an_artifact_folder_outside_the_work_dir_survives_the_deletions_it_allows(
+    tmp_path: Path,
+) -> None:
+    """``artifact.dir`` outside the work_dir, created by the pass that slims the first best and
+    then deletes that best's checkpoint (long on disk): no cut may keep the deletion and lose
+    the new folder with the artifact in it."""
+    from ckptd.core.config import load_config
+    from ckptd.engine.reconcile import PassOptions, reconcile
+    from ckptd.engine.targets import discover
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    recording = record(param_count=2_000)
+    rounds = [i for i, op in enumerate(recording.ops) if op.kind == "round"]
+    problems = []
+    with PowerMount(tmp_path / "mnt", tmp_path / "scratch") as mount:
+        work_dir = mount.mountpoint / "work_dirs" / "run"
+        work_dir.mkdir(parents=True)
+        artifact_dir = mount.mountpoint / "models" / "test" / "run"
+        config = write_config(
+            tmp_path,
+            work_dirs=[str(mount.mountpoint / "work_dirs" / "*")],
+            retention={"keep_last": 1},
+            artifact={"dir": str(mount.mountpoint / "models" / "{project}" / "{run}")},
+        )
+        (target,) = discover(load_config(config)).targets
+        # epochs 1-7, best 6, all long on disk; no artifact folder yet
+        Replayer(recording, work_dir, epoch_seconds=0, ops=recording.ops[: rounds[6]]).run()
+        mount.sync()
+        report = reconcile(target, PassOptions(settle=0))
+        assert "epoch_6.pth" in {d.decision.checkpoint.name for d in report.deletions if d.done}
+        images, unlinked = mount.what_if("reorder", list(range(CUTS_PER_DELETION)))
+        deleted = [n for n in ("epoch_6.pth",) if f"/work_dirs/run/{n}" in unlinked]
+        present = {"epoch_7.pth": 7}
+        for seed, image in enumerate(images):
+            mount.reboot(image)
+            verdict = judge_cut(
+                work_dir, recording, recording.metric, deleted, present, False,
+                artifact_dir=artifact_dir,
+            )  # fmt: skip
+            problems += [f"seed {seed}: {p}" for p in verdict.problems]
+    assert not problems, "\n".join(problems)
