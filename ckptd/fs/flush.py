@@ -48,6 +48,31 @@ def _fsync_at(dir_fd: int, name: str) -> None:
         os.close(fd)
 
 
+def make_folders(folder: Path) -> None:
+    """``mkdir -p folder``, each new folder's name fsynced in its parent: the artifact folder
+    (possibly outside the work_dir) must survive a power cut once an artifact in it lets a
+    checkpoint be deleted."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile: its creator syncs it
+            new.mkdir()
+        _fsync_folder(new.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NOT_SUPPORTED:
+            raise
+    finally:
+        os.close(fd)
+
+
 def make_durable(work_dir: Path, names: Iterable[str]) -> None:
     """fsync each relative ``name`` under ``work_dir`` and the folders holding them, up to and
     including the work_dir. Raises ``OSError`` when the disk refuses (then: do not delete)."""
