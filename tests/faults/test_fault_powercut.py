@@ -101,7 +101,10 @@ def _window(checker: StreamChecker) -> str:
     if any(name.endswith("publish.json") for name in checker.temps):
         return "during publish record update"
     window = checker.window()
-    if window == "between slim and delete" and checker.pass_events[-1:] == ["publish artifact"]:
+    manifest_pending = "manifest" in checker.temps.values()  # being written, not yet in place
+    if window == "between slim and delete" and (
+        manifest_pending or checker.pass_events[-1:] == ["publish artifact"]
+    ):
         return "between slim and manifest"
     return window
 
@@ -275,7 +278,7 @@ def test_power_cut_anywhere_loses_nothing_ckptd_protects(
     roots = [tmp_path_factory.mktemp(f"powercut{i}") for i in range(runs)]  # not thread-safe
 
     def one(i: int) -> RunResult:
-        scenario, model = names[i % len(names)], MODELS[(i // len(names)) % len(MODELS)]
+        scenario, model = names[(i // len(MODELS)) % len(names)], MODELS[i % len(MODELS)]
         result = powercut_run(roots[i], recording, scenario, model, base_seed + i, cuts)
         progress = os.environ.get("CKPTD_POWERCUT_PROGRESS")  # a long run's results so far
         if progress:
