@@ -27,6 +27,7 @@ from ckptd.engine.state import WorkDirState, save_state
 from ckptd.engine.targets import Target
 from ckptd.fs.delete import NotPlainTree, remove_own_folder
 from ckptd.fs.durable import remove_stale_temp_files
+from ckptd.fs.flush import make_folders
 from ckptd.fs.names import plain_name
 from ckptd.layouts.base import Layout
 from ckptd.slim.artifact import ArtifactRequest
@@ -177,7 +178,7 @@ def ensure_artifacts(
             )
             continue
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            make_folders(folder)  # its name durable before a deletion relies on it
             remove_stale_temp_files(folder)
             new, seconds = make_artifact(
                 target, layout, best, checkpoint, options, lambda name: _claim(target, state, name)

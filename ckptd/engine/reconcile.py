@@ -38,6 +38,7 @@ from ckptd.engine.state import (
 )
 from ckptd.engine.targets import Target
 from ckptd.fs.delete import delete_checkpoint, remove_stale_temp_dirs
+from ckptd.fs.flush import make_durable
 from ckptd.layouts import LayoutError, choose_layout, no_layout_reason
 from ckptd.layouts.base import Layout
 
@@ -120,6 +121,8 @@ def _act(
         return
     _still_there(target.work_dir, identity)
     remove_stale_temp_dirs(target.work_dir)  # trash of a deletion a crash interrupted
+    if report.plan.deletions and not _made_durable(target, layout, observation, report):
+        return
     for decision in report.plan.deletions:
         outcome = _delete(target.work_dir, decision)
         report.deletions.append(outcome)
@@ -140,6 +143,25 @@ def _act(
             report.error(
                 ErrorKind.DELETE, f"{target.work_dir / decision.checkpoint.name}: {outcome.detail}"
             )
+
+
+def _made_durable(
+    target: Target, layout: Layout, observation: Observation, report: WorkDirReport
+) -> bool:
+    """fsync what the deletions are decided on (the checkpoints kept, the resume pointer, the
+    metric logs, their folders): a power cut must not keep a deletion and lose its reason."""
+    assert report.plan is not None
+    kept = [d.checkpoint.name for d in report.plan.decisions if d.keep and d.checkpoint.complete]
+    try:
+        make_durable(target.work_dir, [*kept, *layout.pointer_files, *observation.sources])
+    except OSError as exc:
+        report.error(
+            ErrorKind.DELETE,
+            f"{target.work_dir}: cannot make the kept checkpoints and logs durable before "
+            f"deleting ({exc.strerror}); nothing was deleted, the next pass tries again",
+        )
+        return False
+    return True
 
 
 def reconcile(

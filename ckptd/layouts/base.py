@@ -111,6 +111,8 @@ class Layout(ABC):
     # How the best artifact is written from a checkpoint, and what its name ends with.
     artifact_writer: ClassVar[ArtifactWriter] = TorchZipSlim()
     artifact_suffix: ClassVar[str] = ".pth"
+    # Files in the work_dir that name the resume target: fsynced before a pass deletes.
+    pointer_files: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_project(cls, project: ProjectConfig | None) -> Layout:

@@ -135,6 +135,7 @@ class MMCVLayout(MMEngineLayout):
     name: ClassVar[str] = "mmcv"
     default_keep_keys: ClassVar[tuple[str, ...]] = ("meta", "state_dict")
     signature: ClassVar[str] = "a latest.pth symlink or <timestamp>.log.json in the work_dir"
+    pointer_files: ClassVar[tuple[str, ...]] = (POINTER,)
 
     def __init__(self, metrics: tuple[str, ...] = ()) -> None:
         super().__init__()

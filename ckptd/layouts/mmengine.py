@@ -96,6 +96,7 @@ class MMEngineLayout(Layout):
     name: ClassVar[str] = "mmengine"
     default_keep_keys: ClassVar[tuple[str, ...]] = ("meta", "state_dict")
     signature: ClassVar[str] = "last_checkpoint or <timestamp>/vis_data/scalars.json"
+    pointer_files: ClassVar[tuple[str, ...]] = (POINTER,)
 
     def __init__(self) -> None:
         self._listed: tuple[Path, list[Candidate]] | None = None  # what list_checkpoints found

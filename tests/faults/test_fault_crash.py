@@ -24,6 +24,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +87,10 @@ def _is_trigger(kind: str, checker: StreamChecker, event: inotify.Event) -> bool
 class Killer:
     """Stops ckptd (SIGSTOP) from the inotify reader thread on the n-th matching event."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, is_trigger: Callable[[str, StreamChecker, inotify.Event], bool] = _is_trigger
+    ) -> None:
+        self.is_trigger = is_trigger
         self.pid = 0
         self.kind = ""
         self.skip = 0
@@ -97,7 +101,7 @@ class Killer:
         self.fired.clear()
 
     def hook(self, checker: StreamChecker, event: inotify.Event) -> None:
-        if not self.kind or not _is_trigger(self.kind, checker, event):
+        if not self.kind or not self.is_trigger(self.kind, checker, event):
             return
         if self.skip > 0:
             self.skip -= 1
