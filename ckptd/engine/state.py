@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.core.model import FileStat
-from ckptd.fs.durable import atomic_write_bytes, remove_stale_temp_files
+from ckptd.fs.durable import atomic_write_bytes, pwrite_all, remove_stale_temp_files
 from ckptd.layouts.base import SourceState
 
 STATE_DIR = ".ckptd"
@@ -231,10 +231,18 @@ class WorkDirLock:
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
                 raise LockBusy(f"locked by another ckptd ({self.holder()})") from None
             raise
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(owner).encode(), 0)
+        # Held from here on: a failure below must let go of it, or this process would find
+        # its own lock busy on every later pass (flock is per open file, not per process).
         self._fd = fd
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        try:
+            os.ftruncate(fd, 0)
+            pwrite_all(fd, json.dumps(owner).encode(), 0)
+        except OSError as exc:
+            self.release()
+            raise OSError(
+                exc.errno, f"cannot write the lock's owner: {exc.strerror}", str(self.path)
+            ) from exc
 
     def holder(self) -> str:
         try:

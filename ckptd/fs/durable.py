@@ -72,6 +72,15 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """``pwrite`` until every byte is written (a write may take fewer than asked)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
 def atomic_write_bytes(final: Path, data: bytes, mode: int = 0o644) -> None:
     with atomic_output(final, mode) as (fd, _temp):
         write_all(fd, data)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from ckptd.core.cancel import CancelToken, check
+from ckptd.fs.durable import pwrite_all
 from ckptd.slim.torchzip import Copy
 
 # Bounds the latency of progress reports and of an abort, and how far the verifier threads lag
@@ -51,14 +52,6 @@ class CrcMismatch(Exception):
         super().__init__(copy.name)
 
 
-def write_at(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-
-
 def _copy_buffered(src_fd: int, dst_fd: int, src: int, dst: int, size: int) -> int:
     buffer = bytearray(min(size, READ_CHUNK))
     done = 0
@@ -67,7 +60,7 @@ def _copy_buffered(src_fd: int, dst_fd: int, src: int, dst: int, size: int) -> i
         n = os.preadv(src_fd, [view], src + done)
         if n == 0:
             break
-        write_at(dst_fd, view[:n], dst + done)
+        pwrite_all(dst_fd, view[:n], dst + done)
         done += n
     return done
 
@@ -298,7 +291,7 @@ def write_archive(
             if isinstance(piece, bytes):
                 pending += piece
                 continue
-            write_at(fd, pending, pos)
+            pwrite_all(fd, pending, pos)
             pos += len(pending)
             pending.clear()
             verifier.advance(pos)
@@ -315,13 +308,13 @@ def write_archive(
             else:
                 done = 0
                 for chunk in piece.chunks(src_fd):
-                    write_at(fd, chunk, pos + done)
+                    pwrite_all(fd, chunk, pos + done)
                     done += len(chunk)
                     on_chunk(done)
                 if done != piece.size:
                     raise AssertionError(f"gathered {done} bytes of {piece.size}")
             pos += piece.size
-        write_at(fd, pending, pos)
+        pwrite_all(fd, pending, pos)
         pos += len(pending)
         if pos != total:
             raise AssertionError(f"wrote {pos} bytes of a {total}-byte layout")
