@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.core.model import Best, Checkpoint, FileStat
+from ckptd.core.reads import read_file
 from ckptd.fs.durable import atomic_write_bytes
 
 MANIFEST = "manifest.json"
@@ -63,7 +64,7 @@ def expand_artifact_dir(template: str, work_dir: Path, project: str, base_dir: P
 def read_manifest(folder: Path) -> dict[str, ArtifactEntry]:
     """Entries by metric key; an unreadable manifest reads as empty (artifacts get rewritten)."""
     try:
-        data = json.loads((folder / MANIFEST).read_bytes())
+        data = json.loads(read_file(folder / MANIFEST))
         return {k: ArtifactEntry.from_json(v) for k, v in data.get("artifacts", {}).items()}
     except FileNotFoundError:
         return {}

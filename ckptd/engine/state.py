@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.core.model import FileStat
+from ckptd.core.reads import read_file
 from ckptd.fs.durable import atomic_write_bytes, pwrite_all, remove_stale_temp_files
 from ckptd.layouts.base import SourceState
 
@@ -92,7 +93,7 @@ def load_state(work_dir: Path) -> tuple[WorkDirState, str]:
     """The saved state, or a fresh one; the note says why a saved state was not used."""
     path = state_dir(work_dir) / STATE_FILE
     try:
-        raw = path.read_bytes()
+        raw = read_file(path)
     except FileNotFoundError:
         return WorkDirState(), ""
     except OSError as exc:
@@ -186,7 +187,7 @@ def load_publish_state(work_dir: Path) -> PublishState:
     """The saved publish record; missing or unreadable reads as "nothing published yet", which
     is safe: the publisher then compares with the remote manifest before uploading."""
     try:
-        data = json.loads((state_dir(work_dir) / PUBLISH_FILE).read_bytes())
+        data = json.loads(read_file(state_dir(work_dir) / PUBLISH_FILE))
         return PublishState.from_json(data)
     except (OSError, ValueError, TypeError, AttributeError):
         return PublishState()
@@ -246,7 +247,7 @@ class WorkDirLock:
 
     def holder(self) -> str:
         try:
-            owner = json.loads(self.path.read_text())
+            owner = json.loads(read_file(self.path))
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner["since"]))
             return f"pid {owner['pid']} on {owner['host']} since {since}; see {self.path}"
         except (OSError, ValueError, KeyError, TypeError):

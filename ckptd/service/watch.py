@@ -36,6 +36,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
+from ckptd.core.reads import read_text
+
 log = logging.getLogger("ckptd.watch")
 
 # Filesystems where inotify only reports this machine's own writes (or nothing at all).
@@ -84,8 +86,7 @@ def read_mounts(text: str | None = None) -> list[tuple[str, str]]:
     """(mount point, fstype) pairs from /proc/mounts, longest mount point first."""
     if text is None:
         try:
-            with open("/proc/mounts", encoding="utf-8", errors="replace") as f:
-                text = f.read()
+            text = read_text("/proc/mounts")
         except OSError:
             return []
     mounts = []

@@ -21,11 +21,11 @@ one of these (``torch.save`` writes front to back); so does a truncated one.
 
 from __future__ import annotations
 
-import os
 import zlib
 from pathlib import Path
 from typing import Any
 
+from ckptd.core.reads import pread_full
 from ckptd.slim.errors import CheckpointChangedError, CorruptCheckpointError, SlimError
 from ckptd.slim.pickle_allowlist import STORAGE_TYPES
 from ckptd.slim.safepickle import (
@@ -104,7 +104,7 @@ class LegacyArchive:
 
     def pread(self, size: int, offset: int) -> bytes:
         try:
-            data = os.pread(self.fd, size, offset)
+            data = pread_full(self.fd, size, offset)
         except OSError as exc:
             raise SlimError(self.path, f"reading failed: {exc.strerror or exc}.") from exc
         if len(data) != size:
@@ -196,7 +196,7 @@ class LegacyArchive:
 
 
 def is_legacy(fd: int) -> bool:
-    return is_legacy_header(os.pread(fd, 32, 0))
+    return is_legacy_header(pread_full(fd, 32, 0))
 
 
 def legacy_complete(path: Path, fd: int, size: int) -> bool:
