@@ -16,8 +16,19 @@ import os
 CHUNK = 1 << 20
 
 
+def call_failed(call: str, exc: OSError, path: str | os.PathLike[str] | None = None) -> OSError:
+    """``exc`` as the failure of ``call`` on ``path``: ``str()`` says "cannot <call>" and names
+    the file, which an ``OSError`` of ``write`` or ``fsync`` on a descriptor does not. The
+    errno (and so the subclass, e.g. ``FileNotFoundError``) is kept."""
+    if exc.strerror and exc.strerror.startswith("cannot "):
+        return exc  # it says which call already
+    filename = os.fspath(path) if path is not None else exc.filename
+    return OSError(exc.errno, f"cannot {call}: {exc.strerror}", filename)
+
+
 def _failed(exc: OSError, path: str | os.PathLike[str]) -> OSError:
-    return OSError(exc.errno, f"cannot read: {exc.strerror}", os.fspath(path))
+    # callers say "cannot read <what>" themselves; the file is what a read error lacks
+    return OSError(exc.errno, exc.strerror, os.fspath(path))
 
 
 def read_file(path: str | os.PathLike[str], limit: int | None = None) -> bytes:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.core.model import FileStat
-from ckptd.core.reads import read_file
+from ckptd.core.reads import call_failed, read_file
 from ckptd.fs.durable import atomic_write_bytes, pwrite_all, remove_stale_temp_files
 from ckptd.layouts.base import SourceState
 
@@ -222,16 +222,22 @@ class WorkDirLock:
     def acquire(self) -> None:
         if self._fd is not None:
             return
-        self.path.parent.mkdir(exist_ok=True)
+        try:
+            self.path.parent.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise call_failed("create the folder", exc) from exc
         remove_stale_temp_files(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o664)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o664)
+        except OSError as exc:
+            raise call_failed("open the lock file", exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
                 raise LockBusy(f"locked by another ckptd ({self.holder()})") from None
-            raise
+            raise call_failed("lock (flock)", exc, self.path) from exc
         # Held from here on: a failure below must let go of it, or this process would find
         # its own lock busy on every later pass (flock is per open file, not per process).
         self._fd = fd
@@ -241,9 +247,7 @@ class WorkDirLock:
             pwrite_all(fd, json.dumps(owner).encode(), 0)
         except OSError as exc:
             self.release()
-            raise OSError(
-                exc.errno, f"cannot write the lock's owner: {exc.strerror}", str(self.path)
-            ) from exc
+            raise call_failed("write the lock's owner into", exc, self.path) from exc
 
     def holder(self) -> str:
         try:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from ckptd.core.cancel import CancelToken, check
+from ckptd.core.reads import call_failed
 from ckptd.fs.durable import pwrite_all
 from ckptd.slim.torchzip import Copy
 
@@ -78,7 +79,7 @@ def copy_range(
                 copied = os.copy_file_range(src_fd, dst_fd, n, src + done, dst + done)
             except OSError as exc:
                 if exc.errno not in _FALLBACK_ERRNOS:
-                    raise
+                    raise call_failed("copy_file_range", exc) from exc
                 in_kernel = False
                 continue
         else:
