@@ -255,7 +255,8 @@ def _claim(target: Target, state: WorkDirState, name: str) -> None:
         # A full training disk is when the artifact and the deletions after it matter most: go
         # on; the claim is saved with the pass's state (a crash before that orphans the file).
         log.warning(
-            f"cannot record the artifact {name} ahead of writing it ({exc.strerror}); going on",
+            f"{exc.filename or target.work_dir}: cannot record the artifact {name} ahead of "
+            f"writing it ({exc.strerror}); going on",
             extra={"fields": {"work_dir": str(target.work_dir), "action": "note"}},
         )
 

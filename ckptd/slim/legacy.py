@@ -195,8 +195,12 @@ class LegacyArchive:
         return self.pread(entry.size, entry.header_offset)
 
 
-def is_legacy(fd: int) -> bool:
-    return is_legacy_header(pread_full(fd, 32, 0))
+def is_legacy(fd: int, path: Path) -> bool:
+    try:
+        head = pread_full(fd, 32, 0)
+    except OSError as exc:
+        raise SlimError(path, f"reading failed: {exc.strerror or exc}.") from exc
+    return is_legacy_header(head)
 
 
 def legacy_complete(path: Path, fd: int, size: int) -> bool:
