@@ -55,6 +55,16 @@ def _delete(work_dir: Path, decision: Decision) -> DeleteOutcome:
     return DeleteOutcome(decision, done, detail)
 
 
+_PER_FILE = (os.strerror(errno.EPERM), os.strerror(errno.EACCES))
+
+
+def _filesystem_failed(detail: str) -> bool:
+    """Did the filesystem fail a deletion (EIO, ENOSPC, ...), rather than refuse this one file
+    (immutable, no permission: the others still go, or one such file would stop all cleanup)
+    or find it changed since it was planned?"""
+    return detail.startswith("cannot ") and not detail.endswith(_PER_FILE)
+
+
 def _policy_input(observation: Observation, now: float) -> PolicyInput:
     return PolicyInput(
         checkpoints=observation.scan.checkpoints,
@@ -141,7 +151,7 @@ def _act(
             report.error(
                 ErrorKind.DELETE, f"{target.work_dir / decision.checkpoint.name}: {outcome.detail}"
             )
-            if outcome.detail.startswith("cannot "):  # the filesystem failed, not a planned skip
+            if _filesystem_failed(outcome.detail):
                 # Unsure of the filesystem now: delete nothing more in this pass (found by
                 # injecting unlinkat EIO: the next deletions went on). The next pass retries.
                 left = len(deletions) - done_so_far - 1
