@@ -20,9 +20,9 @@ def call_failed(call: str, exc: OSError, path: str | os.PathLike[str] | None = N
     """``exc`` as the failure of ``call`` on ``path``: ``str()`` says "cannot <call>" and names
     the file, which an ``OSError`` of ``write`` or ``fsync`` on a descriptor does not. The
     errno (and so the subclass, e.g. ``FileNotFoundError``) is kept."""
-    if exc.strerror and exc.strerror.startswith("cannot "):
-        return exc  # it says which call already
-    filename = os.fspath(path) if path is not None else exc.filename
+    filename = exc.filename or (os.fspath(path) if path is not None else None)
+    if exc.strerror and exc.strerror.startswith("cannot "):  # it says which call already
+        return exc if filename == exc.filename else OSError(exc.errno, exc.strerror, filename)
     return OSError(exc.errno, f"cannot {call}: {exc.strerror}", filename)
 
 

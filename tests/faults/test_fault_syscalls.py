@@ -11,9 +11,9 @@ traceback; each run ends exactly like the same run without failures (``fiu_drive
 ``ckptd run``: beside a trainer, every deletion judged as it happens (``StreamChecker``), then
 failures off: the daemon's retries must reach the uninterrupted end state.
 
-``CKPTD_FIU_RUNS`` (default 8 trainings, 26 passes each), ``CKPTD_FIU_PROBABILITY`` (per
+``CKPTD_FIU_RUNS`` (default 4 trainings, 26 passes each), ``CKPTD_FIU_PROBABILITY`` (per
 eligible call, default 0.03), ``CKPTD_FIU_SEED`` scale the ``once`` test;
-``CKPTD_FIU_DAEMON_RUNS`` (default 2 trainings) the ``run`` one. Needs libfiu (``fiu-utils``,
+``CKPTD_FIU_DAEMON_RUNS`` (default 1 training) the ``run`` one. Needs libfiu (``fiu-utils``,
 ``libfiu0``); skips without it.
 """
 
@@ -55,7 +55,7 @@ def _table(faults: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 def test_ckptd_once_with_failing_system_calls(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    runs = int(env_number("CKPTD_FIU_RUNS", 8))
+    runs = int(env_number("CKPTD_FIU_RUNS", 4))
     probability = env_number("CKPTD_FIU_PROBABILITY", 0.03)
     seed = int(env_number("CKPTD_FIU_SEED", 1))
     started = time.monotonic()
@@ -166,7 +166,7 @@ def _daemon_run(root: Path, seed: int, probability: float) -> dict[str, Any]:
 def test_ckptd_run_beside_a_trainer_with_failing_system_calls(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    runs = int(env_number("CKPTD_FIU_DAEMON_RUNS", 2))
+    runs = int(env_number("CKPTD_FIU_DAEMON_RUNS", 1))
     seed = int(env_number("CKPTD_FIU_SEED", 1))
     started = time.monotonic()
     results = [_daemon_run(tmp_path / f"run{i}", seed + i, 0.05) for i in range(runs)]
