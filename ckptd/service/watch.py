@@ -191,20 +191,22 @@ class Watcher:
                 handler, str(folder), recursive=False, event_filter=WATCHED_EVENTS
             )
         except OSError as exc:
-            if observer is self._inotify and exc.errno in (errno.ENOSPC, errno.EMFILE):
-                log.warning(
-                    WATCH_LIMIT_HELP,
-                    extra={"fields": {"folder": str(folder), "action": "watch-fallback"}},
-                )
-                self.fell_back.add(folder)
-                observer = self._polling
-                watch = observer.schedule(
-                    handler, str(folder), recursive=False, event_filter=WATCHED_EVENTS
-                )
-            elif exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 return  # vanished between listing and watching; the next sync sees it
-            else:
+            if observer is not self._inotify:
                 raise
+            # Any other failure of inotify_add_watch (EIO found by injecting it: it escaped
+            # and stopped the daemon) falls back to polling this folder, like the limit.
+            if exc.errno in (errno.ENOSPC, errno.EMFILE):
+                text = WATCH_LIMIT_HELP
+            else:
+                text = f"{folder}: cannot watch it (inotify_add_watch: {exc.strerror}); polling it"
+            log.warning(text, extra={"fields": {"folder": str(folder), "action": "watch-fallback"}})
+            self.fell_back.add(folder)
+            observer = self._polling
+            watch = observer.schedule(
+                handler, str(folder), recursive=False, event_filter=WATCHED_EVENTS
+            )
         self._watches[folder] = (observer, watch, root)
 
 
