@@ -284,7 +284,12 @@ def run_daemon(args: argparse.Namespace) -> None:
 
     signal.signal(signal.SIGUSR1, disarm)
     injector.armed = True
-    code = main(["--log-format", "json", "run", "-c", str(args.config), *args.extra])
+    try:
+        code = main(["--log-format", "json", "run", "-c", str(args.config), *args.extra])
+    except BaseException:
+        injector.armed = False
+        traceback.print_exc()  # the test fails on a traceback in the log
+        code = -1
     injector.armed = False
     data = {"code": code, "faults": [f.to_json() for f in injector.faults]}
     args.out.write_text(json.dumps(data))

@@ -136,7 +136,10 @@ class Injector:
         ``site``: the caller says whose call it is (else: ckptd must be on the stack)."""
         if not self.armed:
             return None
-        site = site or ckptd_site(sys._getframe(2))
+        try:
+            site = site or ckptd_site(sys._getframe(2))
+        except ValueError:  # no Python frame under the call (a C thread, interpreter exit)
+            return None
         if site is None:
             return None
         with self._lock:

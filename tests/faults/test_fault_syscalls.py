@@ -52,17 +52,22 @@ def _table(faults: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return {call: dict(kinds) for call, kinds in sorted(table.items())}
 
 
+ONCE_RUNS = int(env_number("CKPTD_FIU_RUNS", 4))
+DAEMON_RUNS = int(env_number("CKPTD_FIU_DAEMON_RUNS", 1))
+
+
+@pytest.mark.timeout(300 + 20 * ONCE_RUNS)  # a long run outlasts the default 600 s
 def test_ckptd_once_with_failing_system_calls(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    runs = int(env_number("CKPTD_FIU_RUNS", 4))
+    runs = ONCE_RUNS
     probability = env_number("CKPTD_FIU_PROBABILITY", 0.03)
     seed = int(env_number("CKPTD_FIU_SEED", 1))
     started = time.monotonic()
     command = [sys.executable, "-m", "tests.faults.fiu_driver", "once", "--root", str(tmp_path)]
     command += ["--runs", str(runs), "--seed", str(seed), "--probability", str(probability)]
     done = subprocess.run(
-        command, capture_output=True, text=True, cwd=REPO, env=_env(), timeout=600 + 30 * runs
+        command, capture_output=True, text=True, cwd=REPO, env=_env(), timeout=280 + 20 * runs
     )
     assert done.returncode == 0, done.stderr[-5000:]
     lines = [json.loads(line) for line in done.stdout.splitlines()]
@@ -163,10 +168,11 @@ def _daemon_run(root: Path, seed: int, probability: float) -> dict[str, Any]:
     }
 
 
+@pytest.mark.timeout(300 + 120 * DAEMON_RUNS)
 def test_ckptd_run_beside_a_trainer_with_failing_system_calls(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    runs = int(env_number("CKPTD_FIU_DAEMON_RUNS", 1))
+    runs = DAEMON_RUNS
     seed = int(env_number("CKPTD_FIU_SEED", 1))
     started = time.monotonic()
     results = [_daemon_run(tmp_path / f"run{i}", seed + i, 0.05) for i in range(runs)]
