@@ -123,7 +123,11 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
         return removed
     for entry in entries:
         if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(entry.path)
-                removed.append(Path(entry.path))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise call_failed("remove a stale temp file", exc) from exc
+            removed.append(Path(entry.path))
     return removed
