@@ -21,6 +21,7 @@ from pydantic import (
 
 from ckptd.core.configops import DiskConfig, HooksConfig, PriorityConfig
 from ckptd.core.configtypes import Duration, Size, _Strict
+from ckptd.core.reads import read_file
 from ckptd.core.units import format_duration
 
 LAYOUT_NAMES = ("mmengine", "mmcv", "lightning", "hf", "deepspeed")
@@ -408,7 +409,7 @@ def load_config(path: Path) -> LoadedConfig:
     import yaml
 
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_file(path).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: no such config file; pass one with -c/--config or create ckptd.yaml"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.core.model import Best, Checkpoint, FileStat
+from ckptd.core.reads import read_file
 from ckptd.fs.durable import atomic_write_bytes
 
 MANIFEST = "manifest.json"
@@ -61,13 +62,18 @@ def expand_artifact_dir(template: str, work_dir: Path, project: str, base_dir: P
 
 
 def read_manifest(folder: Path) -> dict[str, ArtifactEntry]:
-    """Entries by metric key; an unreadable manifest reads as empty (artifacts get rewritten)."""
+    """Entries by metric key; a malformed manifest reads as empty (artifacts get rewritten);
+    OSError if it cannot be read."""
     try:
-        data = json.loads((folder / MANIFEST).read_bytes())
+        data = json.loads(read_file(folder / MANIFEST))
         return {k: ArtifactEntry.from_json(v) for k, v in data.get("artifacts", {}).items()}
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no artifact folder (yet)
         return {}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    except OSError as exc:
+        # Not "no manifest": that would rewrite every artifact and say nothing (found by
+        # injecting read EIO). The pass fails, naming the file, and the next one reads again.
+        raise OSError(exc.errno, f"cannot read the manifest: {exc.strerror}", exc.filename) from exc
+    except (ValueError, TypeError, KeyError, AttributeError):
         return {}
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ckptd.core.model import Best, Checkpoint
+from ckptd.core.reads import call_failed
 from ckptd.core.units import format_duration, format_size
 from ckptd.engine import artifacts
 from ckptd.engine.artifacts import ArtifactEntry
@@ -183,10 +184,13 @@ def ensure_artifacts(
             new, seconds = make_artifact(
                 target, layout, best, checkpoint, options, lambda name: _claim(target, state, name)
             )
-            entries[key] = new
+            # Named in memory only once the manifest on disk names it: otherwise a failed
+            # manifest write (found by injecting write EIO) let remove_replaced_artifacts below
+            # delete the artifact the manifest on disk still names.
             artifacts.write_manifest(
-                folder, entries, target.work_dir, target.project.name, layout.name
+                folder, {**entries, key: new}, target.work_dir, target.project.name, layout.name
             )
+            entries[key] = new
         except (SlimError, OSError) as exc:
             ok = False
             message = _artifact_error(exc, folder, checkpoint)
@@ -252,7 +256,8 @@ def _claim(target: Target, state: WorkDirState, name: str) -> None:
         # A full training disk is when the artifact and the deletions after it matter most: go
         # on; the claim is saved with the pass's state (a crash before that orphans the file).
         log.warning(
-            f"cannot record the artifact {name} ahead of writing it ({exc.strerror}); going on",
+            f"{exc.filename or target.work_dir}: cannot record the artifact {name} ahead of "
+            f"writing it ({exc.strerror}); going on",
             extra={"fields": {"work_dir": str(target.work_dir), "action": "note"}},
         )
 
@@ -296,5 +301,8 @@ def remove_replaced_artifacts(
                 if (folder / name).is_dir() and not (folder / name).is_symlink():
                     remove_own_folder(folder, name)  # a folder artifact (Hugging Face)
                 else:
-                    os.unlink(folder / name)
+                    try:
+                        os.unlink(folder / name)
+                    except OSError as exc:
+                        raise call_failed("remove the replaced artifact", exc) from exc
     state.own_artifacts = survivors

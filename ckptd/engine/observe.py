@@ -102,6 +102,11 @@ def _judge_completeness(
             verdict, reason = layout.format_check(work_dir / candidate.name)
         except OSError as exc:
             verdict, reason = False, f"cannot read: {exc.strerror}"
+            if not isinstance(exc, FileNotFoundError):
+                # An I/O error is not "still being written": nothing is deleted while the
+                # work_dir cannot be read (found by injecting EIO into the completeness check).
+                where = str(work_dir / candidate.name)
+                scan.problems.append(Problem(where, f"cannot open or read it: {exc.strerror}"))
         if verdict is False:
             scan.checkpoints.append(candidate.as_checkpoint(False, reason))
             moments.append(now + max(settle, 0.5))  # still being written: look again soon

@@ -56,6 +56,16 @@ def _delete(work_dir: Path, decision: Decision) -> DeleteOutcome:
     return DeleteOutcome(decision, done, detail)
 
 
+_PER_FILE = (os.strerror(errno.EPERM), os.strerror(errno.EACCES))
+
+
+def _filesystem_failed(detail: str) -> bool:
+    """Did the filesystem fail a deletion (EIO, ENOSPC, ...), rather than refuse this one file
+    (immutable, no permission: the others still go, or one such file would stop all cleanup)
+    or find it changed since it was planned?"""
+    return detail.startswith("cannot ") and not detail.endswith(_PER_FILE)
+
+
 def _policy_input(observation: Observation, now: float) -> PolicyInput:
     return PolicyInput(
         checkpoints=observation.scan.checkpoints,
@@ -121,9 +131,10 @@ def _act(
         return
     _still_there(target.work_dir, identity)
     remove_stale_temp_dirs(target.work_dir)  # trash of a deletion a crash interrupted
-    if report.plan.deletions and not _made_durable(target, layout, observation, report):
+    deletions = report.plan.deletions
+    if deletions and not _made_durable(target, layout, observation, report):
         return
-    for decision in report.plan.deletions:
+    for done_so_far, decision in enumerate(deletions):
         outcome = _delete(target.work_dir, decision)
         report.deletions.append(outcome)
         if outcome.done and outcome.detail != "already gone":
@@ -143,6 +154,15 @@ def _act(
             report.error(
                 ErrorKind.DELETE, f"{target.work_dir / decision.checkpoint.name}: {outcome.detail}"
             )
+            if _filesystem_failed(outcome.detail):
+                # Unsure of the filesystem now: delete nothing more in this pass (found by
+                # injecting unlinkat EIO: the next deletions went on). The next pass retries.
+                left = len(deletions) - done_so_far - 1
+                if left:
+                    report.notes.append(
+                        f"{left} more deletion(s) left for the next pass after this failure"
+                    )
+                break
 
 
 def _made_durable(

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.core.model import FileStat
-from ckptd.fs.durable import atomic_write_bytes, remove_stale_temp_files
+from ckptd.core.reads import call_failed, read_file
+from ckptd.fs.durable import atomic_write_bytes, pwrite_all, remove_stale_temp_files
 from ckptd.layouts.base import SourceState
 
 STATE_DIR = ".ckptd"
@@ -92,7 +93,7 @@ def load_state(work_dir: Path) -> tuple[WorkDirState, str]:
     """The saved state, or a fresh one; the note says why a saved state was not used."""
     path = state_dir(work_dir) / STATE_FILE
     try:
-        raw = path.read_bytes()
+        raw = read_file(path)
     except FileNotFoundError:
         return WorkDirState(), ""
     except OSError as exc:
@@ -186,7 +187,7 @@ def load_publish_state(work_dir: Path) -> PublishState:
     """The saved publish record; missing or unreadable reads as "nothing published yet", which
     is safe: the publisher then compares with the remote manifest before uploading."""
     try:
-        data = json.loads((state_dir(work_dir) / PUBLISH_FILE).read_bytes())
+        data = json.loads(read_file(state_dir(work_dir) / PUBLISH_FILE))
         return PublishState.from_json(data)
     except (OSError, ValueError, TypeError, AttributeError):
         return PublishState()
@@ -221,24 +222,36 @@ class WorkDirLock:
     def acquire(self) -> None:
         if self._fd is not None:
             return
-        self.path.parent.mkdir(exist_ok=True)
+        try:
+            self.path.parent.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise call_failed("create the folder", exc) from exc
         remove_stale_temp_files(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o664)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o664)
+        except OSError as exc:
+            raise call_failed("open the lock file", exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
                 raise LockBusy(f"locked by another ckptd ({self.holder()})") from None
-            raise
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(owner).encode(), 0)
+            raise call_failed("lock (flock)", exc, self.path) from exc
+        # Held from here on: a failure below must let go of it, or this process would find
+        # its own lock busy on every later pass (flock is per open file, not per process).
         self._fd = fd
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        try:
+            os.ftruncate(fd, 0)
+            pwrite_all(fd, json.dumps(owner).encode(), 0)
+        except OSError as exc:
+            self.release()
+            raise call_failed("write the lock's owner into", exc, self.path) from exc
 
     def holder(self) -> str:
         try:
-            owner = json.loads(self.path.read_text())
+            owner = json.loads(read_file(self.path))
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner["since"]))
             return f"pid {owner['pid']} on {owner['host']} since {since}; see {self.path}"
         except (OSError, ValueError, KeyError, TypeError):

@@ -14,20 +14,25 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+from ckptd.core.reads import call_failed
+
 # Temp files carry this prefix so a restart can find and remove the ones a crash left behind,
 # without ever touching files that ckptd did not create.
 TEMP_PREFIX = ".ckptd-tmp-"
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise call_failed("open the folder to fsync it", exc) from exc
     try:
         os.fsync(fd)
     except OSError as exc:
         # Some filesystems (e.g. certain FUSE mounts) refuse fsync on directories; the rename
         # itself is still atomic there, so this is not worth failing the write over.
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
+            raise call_failed("fsync the folder", exc, path) from exc
     finally:
         os.close(fd)
 
@@ -59,34 +64,66 @@ def atomic_output(
     ``drop_cache`` the file's pages leave the page cache once they are durable.
     """
     temp = temp_path_for(final)
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        raise call_failed("create a temp file for", exc, final) from exc
     try:
         # The umask must not make artifacts unreadable for the group that deploys them.
         os.fchmod(fd, mode)
-        yield fd, temp
-        os.fsync(fd)
+        try:
+            yield fd, temp
+        except OSError as exc:
+            raise exc if exc.filename else call_failed("write", exc, final) from exc
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise call_failed("fsync", exc, temp) from exc
         if drop_cache:
             drop_cached_pages(fd)
     except BaseException:
         os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
+        _remove_temp(temp)
         raise
     os.close(fd)
     try:
         os.replace(temp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
+    except BaseException as exc:
+        _remove_temp(temp)
+        if isinstance(exc, OSError):
+            raise call_failed(f"rename {temp.name} to", exc, final) from exc
         raise
     fsync_dir(final.parent)
+
+
+def _remove_temp(temp: Path) -> None:
+    """Remove a failed write's temp file. If that fails too, the first error is the one to
+    report (found by injecting unlink EIO: it replaced the ENOSPC that mattered); the next
+    pass removes the file (``remove_stale_temp_files``)."""
+    with contextlib.suppress(OSError):
+        os.unlink(temp)
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        try:
+            written = os.write(fd, view)
+        except OSError as exc:
+            raise call_failed("write", exc) from exc
         view = view[written:]
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """``pwrite`` until every byte is written (a write may take fewer than asked)."""
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.pwrite(fd, view, offset)
+        except OSError as exc:
+            raise call_failed("pwrite", exc) from exc
+        view = view[written:]
+        offset += written
 
 
 def atomic_write_bytes(final: Path, data: bytes, mode: int = 0o644) -> None:
@@ -103,7 +140,11 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
         return removed
     for entry in entries:
         if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(entry.path)
-                removed.append(Path(entry.path))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise call_failed("remove a stale temp file", exc) from exc
+            removed.append(Path(entry.path))
     return removed

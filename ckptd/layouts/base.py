@@ -25,6 +25,7 @@ from ckptd.core.model import (
     TrainerBest,
     WorkDirScan,
 )
+from ckptd.core.reads import read_text
 from ckptd.layouts.logtail import Cursor, read_new_lines
 from ckptd.slim.artifact import ArtifactWriter
 from ckptd.slim.safetensors_writer import SUFFIX as SAFETENSORS_SUFFIX
@@ -226,7 +227,7 @@ def read_pointer_file(path: Path) -> tuple[str | None, str]:
     if st.st_size > MAX_POINTER_BYTES:
         return None, f"{path.name} is {st.st_size} bytes, too large to be a resume pointer"
     try:
-        return path.read_text(encoding="utf-8", errors="replace").strip(), ""
+        return read_text(path).strip(), ""
     except OSError as exc:
         raise PointerUnreadable(f"{path}: cannot read the resume pointer: {exc.strerror}") from exc
 

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from ckptd.core.model import EvalRecord, Problem
+from ckptd.core.reads import read_file
 from ckptd.layouts.base import SourceState
 from ckptd.layouts.logtail import read_new_lines
 
@@ -31,8 +32,7 @@ MAX_HEADER = 64 * 1024
 
 def _first_line(path: Path) -> str | None:
     try:
-        with open(path, "rb") as f:
-            head = f.read(MAX_HEADER)
+        head = read_file(path, MAX_HEADER)
     except OSError:
         return None
     cut = head.find(b"\n")

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckptd.core.reads import pread_full
+
 # Enough bytes to tell an append from a rewrite, small enough to read on every pass.
 _FINGERPRINT_BYTES = 256
 _CHUNK = 4 << 20
@@ -56,7 +58,7 @@ class TailRead:
 
 def _fingerprint(fd: int, end: int) -> str:
     start = max(0, end - _FINGERPRINT_BYTES)
-    data = os.pread(fd, end - start, start)
+    data = pread_full(fd, end - start, start)
     return hashlib.sha1(data, usedforsecurity=False).hexdigest()
 
 
@@ -76,7 +78,7 @@ def _complete_lines(fd: int, start: int, end: int) -> Iterator[tuple[list[bytes]
     pending = b""
     position = start
     while position < end:
-        chunk = os.pread(fd, min(_CHUNK, end - position), position)
+        chunk = pread_full(fd, min(_CHUNK, end - position), position)
         if not chunk:
             break
         position += len(chunk)

@@ -69,7 +69,7 @@ def open_inert(
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         size = os.fstat(fd).st_size
-        if is_legacy(fd):  # read like a zip (always streamed: its pickles have no length)
+        if is_legacy(fd, path):  # read like a zip (always streamed: its pickles have no length)
             legacy = LegacyArchive(path, fd, size, with_crcs=False, max_pickle=max_pickle)
             return extract(legacy.root, legacy)
         archive = SourceArchive(path, fd, size)
@@ -105,12 +105,22 @@ def peek(
         return _CACHE[key]
     try:
         value = extract(read_inert_root(path, max_pickle=max_pickle, stream=stream))
-    except (OSError, SlimError, PickleRejected, ValueError, TypeError, KeyError):
+    except (OSError, SlimError, PickleRejected, ValueError, TypeError, KeyError) as exc:
+        _raise_io_error(exc, path)
         value = None
     _CACHE[key] = value
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return value
+
+
+def _raise_io_error(exc: BaseException, path: Path) -> None:
+    """An I/O error is not "nothing to read here": it would be cached for the file's stat, and
+    the pass would go on without the trainer's own best (found by injecting pread EIO). The pass
+    fails instead, naming the file; a missing file (deleted meanwhile) reads as nothing."""
+    cause = exc if isinstance(exc, OSError) else exc.__cause__
+    if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
+        raise OSError(cause.errno, f"cannot read it: {cause.strerror}", str(path)) from exc
 
 
 def top_mapping(root: Any) -> dict[Any, Any]:

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ckptd.core.reads import read_file
 from ckptd.engine.artifacts import MANIFEST, ArtifactEntry, now_iso
 from ckptd.engine.state import PublishState, save_publish_state
 from ckptd.fs.names import plain_name
@@ -214,7 +215,7 @@ class StoreAttempt:
         if not path.is_dir():
             return [(entry.file, entry.sha256, entry.bytes)]
         try:
-            listing = (path / SUMS).read_bytes()
+            listing = read_file(path / SUMS)
             if sha256_of(listing) != entry.sha256:
                 raise FileNotFoundError(path / SUMS)
             objects = []

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ckptd.core.reads import read_file
 from ckptd.engine.artifacts import MANIFEST, ArtifactEntry, now_iso
 from ckptd.engine.outcome import ErrorKind, PublishOutcome, PublishStatus
 from ckptd.engine.state import (
@@ -48,7 +49,7 @@ def publish_url(target: Target) -> str:
 
 def _read_local(folder: Path) -> tuple[bytes, dict[str, Any], dict[str, ArtifactEntry]] | None:
     try:
-        raw = (folder / MANIFEST).read_bytes()
+        raw = read_file(folder / MANIFEST)
     except FileNotFoundError:
         return None
     return (raw, *parse_local(folder, raw))

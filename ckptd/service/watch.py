@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from ckptd.core.reads import read_text
 from ckptd.service.change import Change
 from ckptd.service.inotify import InotifyWatches
 from ckptd.service.polling import FolderPoller
@@ -62,8 +63,7 @@ def read_mounts(text: str | None = None) -> list[tuple[str, str]]:
     """(mount point, fstype) pairs from /proc/mounts, longest mount point first."""
     if text is None:
         try:
-            with open("/proc/mounts", encoding="utf-8", errors="replace") as f:
-                text = f.read()
+            text = read_text("/proc/mounts")
         except OSError:
             return []
     mounts = []
@@ -149,17 +149,17 @@ class Watcher:
         try:
             self._inotify.add(folder, root)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EMFILE):
-                log.warning(
-                    WATCH_LIMIT_HELP,
-                    extra={"fields": {"folder": str(folder), "action": "watch-fallback"}},
-                )
-                self.fell_back.add(folder)
-                self._polling.add(folder, root)
-            elif exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
                 return  # vanished (or unreadable); the next sync tries again, passes report it
+            # Any other failure of inotify_add_watch (EIO found by injecting it: it escaped
+            # and stopped the daemon) falls back to polling this folder, like the limit.
+            if exc.errno in (errno.ENOSPC, errno.EMFILE):
+                text = WATCH_LIMIT_HELP
             else:
-                raise
+                text = f"{folder}: cannot watch it (inotify_add_watch: {exc.strerror}); polling it"
+            log.warning(text, extra={"fields": {"folder": str(folder), "action": "watch-fallback"}})
+            self.fell_back.add(folder)
+            self._polling.add(folder, root)
         self._roots[folder] = root
 
 

@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from ckptd.core.cancel import CancelToken, check
+from ckptd.core.reads import call_failed
+from ckptd.fs.durable import pwrite_all
 from ckptd.slim.crc import crc32
 from ckptd.slim.pagecache import PageDrop, ReadAhead, Writeback
 from ckptd.slim.torchzip import Copy
@@ -90,14 +92,6 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     return _multmodp(p, crc1) ^ crc2
 
 
-def write_at(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-
-
 def _copy_buffered(src_fd: int, dst_fd: int, src: int, dst: int, size: int) -> int:
     buffer = bytearray(min(size, READ_CHUNK))
     done = 0
@@ -106,7 +100,7 @@ def _copy_buffered(src_fd: int, dst_fd: int, src: int, dst: int, size: int) -> i
         n = os.preadv(src_fd, [view], src + done)
         if n == 0:
             break
-        write_at(dst_fd, view[:n], dst + done)
+        pwrite_all(dst_fd, view[:n], dst + done)
         done += n
     return done
 
@@ -124,7 +118,7 @@ def copy_range(
                 copied = os.copy_file_range(src_fd, dst_fd, n, src + done, dst + done)
             except OSError as exc:
                 if exc.errno not in _FALLBACK_ERRNOS:
-                    raise
+                    raise call_failed("copy_file_range", exc) from exc
                 in_kernel = False
                 continue
         else:
@@ -318,7 +312,7 @@ def write_archive(
             if isinstance(piece, bytes):
                 pending += piece
                 continue
-            write_at(fd, pending, pos)
+            pwrite_all(fd, pending, pos)
             pos += len(pending)
             pending.clear()
             verifier.advance(pos)
@@ -345,13 +339,13 @@ def write_archive(
             else:
                 done = 0
                 for chunk in piece.chunks(src_fd):
-                    write_at(fd, chunk, pos + done)
+                    pwrite_all(fd, chunk, pos + done)
                     done += len(chunk)
                     on_chunk(done)
                 if done != piece.size:
                     raise AssertionError(f"gathered {done} bytes of {piece.size}")
             pos += piece.size
-        write_at(fd, pending, pos)
+        pwrite_all(fd, pending, pos)
         pos += len(pending)
         if pos != total:
             raise AssertionError(f"wrote {pos} bytes of a {total}-byte layout")

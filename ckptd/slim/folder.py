@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ckptd.core.cancel import CancelToken, check
+from ckptd.core.reads import read_file
 from ckptd.fs.delete import (
     DIR_FLAGS,
     NotPlainTree,
@@ -98,7 +99,7 @@ def _copy(
 def _same_listing(folder: Path, listing: str) -> bool:
     with contextlib.suppress(OSError, UnicodeDecodeError):
         if folder.is_dir() and not folder.is_symlink():
-            return (folder / SUMS).read_text(encoding="utf-8") == listing
+            return read_file(folder / SUMS).decode("utf-8", "replace") == listing
     return False
 
 

@@ -21,10 +21,10 @@ one of these (``torch.save`` writes front to back); so does a truncated one.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+from ckptd.core.reads import pread_full
 from ckptd.slim.crc import crc32
 from ckptd.slim.errors import CheckpointChangedError, CorruptCheckpointError, SlimError
 from ckptd.slim.pickle_allowlist import STORAGE_TYPES
@@ -104,7 +104,7 @@ class LegacyArchive:
 
     def pread(self, size: int, offset: int) -> bytes:
         try:
-            data = os.pread(self.fd, size, offset)
+            data = pread_full(self.fd, size, offset)
         except OSError as exc:
             raise SlimError(self.path, f"reading failed: {exc.strerror or exc}.") from exc
         if len(data) != size:
@@ -193,8 +193,12 @@ class LegacyArchive:
         return self.pread(entry.size, entry.header_offset)
 
 
-def is_legacy(fd: int) -> bool:
-    return is_legacy_header(os.pread(fd, 32, 0))
+def is_legacy(fd: int, path: Path) -> bool:
+    try:
+        head = pread_full(fd, 32, 0)
+    except OSError as exc:
+        raise SlimError(path, f"reading failed: {exc.strerror or exc}.") from exc
+    return is_legacy_header(head)
 
 
 def legacy_complete(path: Path, fd: int, size: int) -> bool:

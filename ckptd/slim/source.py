@@ -65,7 +65,7 @@ class CheckpointSource:
             self.check_unchanged()
             try:
                 self.archive: SourceArchive | LegacyArchive
-                if is_legacy(self.fd):  # read like a zip: see ckptd/slim/legacy.py
+                if is_legacy(self.fd, path):  # read like a zip: see ckptd/slim/legacy.py
                     self.archive = LegacyArchive(path, self.fd, self.stat.size)
                     self.root: Any = self.archive.root
                 else:

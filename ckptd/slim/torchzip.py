@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from ckptd.core.reads import pread_full
 from ckptd.slim.crc import crc32
 from ckptd.slim.errors import (
     CheckpointChangedError,
@@ -88,7 +89,7 @@ def is_legacy_header(head: bytes) -> bool:
 
 def _pread(fd: int, size: int, offset: int, path: Path) -> bytes:
     try:
-        data = os.pread(fd, size, offset)
+        data = pread_full(fd, size, offset)
     except OSError as exc:
         raise SlimError(path, f"reading failed: {exc.strerror or exc}.") from exc
     if len(data) != size:
@@ -96,13 +97,13 @@ def _pread(fd: int, size: int, offset: int, path: Path) -> bytes:
     return data
 
 
-def _read_end(fd: int, size: int, base: int = 0) -> _End | str:
-    """Parse the end records of the ``size``-byte zip starting at ``base`` of the file; return a
+def _read_end(fd: int, size: int, start: int = 0) -> _End | str:
+    """Parse the end records of the ``size``-byte zip starting at ``start`` of the file; return a
     reason string if they do not describe a complete zip. Offsets returned are zip-relative."""
     if size < _LOCAL.size + _CENTRAL.size + _EOCD.size:
         return f"only {size} bytes long"
     n = min(size, TAIL_BYTES)
-    tail = os.pread(fd, n, base + size - n)
+    tail = pread_full(fd, n, start + size - n)
     if len(tail) != n:
         return "shorter than its size while being read"
     base = size - n
@@ -126,7 +127,7 @@ def _read_end(fd: int, size: int, base: int = 0) -> _End | str:
         if z_offset >= base:
             record = tail[z_offset - base : z_offset - base + _Z64_EOCD.size]
         else:
-            record = os.pread(fd, _Z64_EOCD.size, base + z_offset)
+            record = pread_full(fd, _Z64_EOCD.size, start + z_offset)
         if len(record) != _Z64_EOCD.size:
             return "shorter than its size while being read"
         sig, rec_size, _, _, d1, d2, n1, n2, cd_size64, cd_offset64 = _Z64_EOCD.unpack(record)
@@ -164,7 +165,7 @@ def looks_complete(path: str | os.PathLike[str]) -> bool | None:
         return False
     try:
         size = os.fstat(fd).st_size
-        head = os.pread(fd, 32, 0)
+        head = pread_full(fd, 32, 0)
         if not head.startswith(_LOCAL_SIG):
             if not is_legacy_header(head):
                 return False
@@ -174,7 +175,7 @@ def looks_complete(path: str | os.PathLike[str]) -> bool | None:
         end = _read_end(fd, size)
         if isinstance(end, str):
             return False
-        return os.pread(fd, 4, end.cd_offset) == _CENTRAL_SIG
+        return pread_full(fd, 4, end.cd_offset) == _CENTRAL_SIG
     finally:
         os.close(fd)
 
