@@ -177,8 +177,8 @@ def _made_durable(
     except OSError as exc:
         report.error(
             ErrorKind.DELETE,
-            f"{target.work_dir}: cannot make the kept checkpoints and logs durable before "
-            f"deleting ({exc.strerror}); nothing was deleted, the next pass tries again",
+            f"{exc.filename or target.work_dir}: {exc.strerror} (making the kept checkpoints "
+            "and logs durable before deleting); nothing was deleted, the next pass tries again",
         )
         return False
     return True

@@ -17,6 +17,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from ckptd.core.reads import call_failed
 from ckptd.fs.names import plain_name
 
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -24,9 +25,17 @@ _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NOT_SUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EROFS)
 
 
-def _fsync_at(dir_fd: int, name: str) -> None:
+def _fsync(fd: int, path: Path) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NOT_SUPPORTED:
+            raise call_failed("fsync", exc, path) from exc
+
+
+def _fsync_at(dir_fd: int, name: str, path: Path) -> None:
     """fsync ``name`` in ``dir_fd`` (a folder: every file in it, then itself); never through a
-    symlink. Gone is fine: what is not there justifies nothing."""
+    symlink. Gone is fine: what is not there justifies nothing. ``path`` names it in errors."""
     try:
         fd = os.open(name, _READ, dir_fd=dir_fd)
     except (FileNotFoundError, NotADirectoryError):
@@ -34,16 +43,16 @@ def _fsync_at(dir_fd: int, name: str) -> None:
     except OSError as exc:
         if exc.errno == errno.ELOOP:  # a symlink: its name is made durable with its folder
             return
-        raise
+        raise call_failed("open", exc, path) from exc
     try:
         if stat.S_ISDIR(os.fstat(fd).st_mode):
-            for entry in os.listdir(fd):
-                _fsync_at(fd, entry)
-        try:
-            os.fsync(fd)
-        except OSError as exc:
-            if exc.errno not in _NOT_SUPPORTED:
-                raise
+            try:
+                entries = os.listdir(fd)
+            except OSError as exc:
+                raise call_failed("list", exc, path) from exc
+            for entry in entries:
+                _fsync_at(fd, entry, path / entry)
+        _fsync(fd, path)
     finally:
         os.close(fd)
 
@@ -63,12 +72,12 @@ def make_folders(folder: Path) -> None:
 
 
 def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        if exc.errno not in _NOT_SUPPORTED:
-            raise
+        raise call_failed("open", exc, folder) from exc
+    try:
+        _fsync(fd, folder)
     finally:
         os.close(fd)
 
@@ -76,23 +85,23 @@ def _fsync_folder(folder: Path) -> None:
 def make_durable(work_dir: Path, names: Iterable[str]) -> None:
     """fsync each relative ``name`` under ``work_dir`` and the folders holding them, up to and
     including the work_dir. Raises ``OSError`` when the disk refuses (then: do not delete)."""
-    root = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        root = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise call_failed("open", exc, work_dir) from exc
     try:
         folders = {"."}
         for name in sorted(set(names)):
             parts = name.split("/")
             if not all(plain_name(p) for p in parts):
                 continue
-            _fsync_at(root, name)
+            _fsync_at(root, name, work_dir / name)
             folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
         for folder in sorted(folders, key=lambda f: -f.count("/")):  # deepest first
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 fd = root if folder == "." else os.open(folder, _READ, dir_fd=root)
                 try:
-                    os.fsync(fd)
-                except OSError as exc:
-                    if exc.errno not in _NOT_SUPPORTED:
-                        raise
+                    _fsync(fd, work_dir / folder)
                 finally:
                     if fd != root:
                         os.close(fd)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import threading
 import time
 from collections.abc import Callable
@@ -146,3 +148,42 @@ def test_periodic_rediscovery_costs_at_most_its_share_of_a_core() -> None:
     interval = timings.rediscover_interval(0.2)  # ~2,000 work_dirs
     assert interval == pytest.approx(80.0)
     assert 0.2 / interval <= 0.0025
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC])
+def test_a_failing_inotify_add_watch_falls_back_to_polling_that_folder(
+    tmp_path: Path, code: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any failure of inotify_add_watch but a vanished folder polls that folder and warns; an
+    EIO once escaped the daemon's loop and stopped it."""
+    from watchdog.observers import inotify_c
+
+    broken = tmp_path / "run-broken"
+    broken.mkdir()
+    real = inotify_c.inotify_add_watch
+
+    def add_watch(fd: int, path: bytes, mask: int) -> int:
+        if path == bytes(broken):
+            ctypes.set_errno(code)
+            return -1
+        return real(fd, path, mask)
+
+    monkeypatch.setattr(inotify_c, "inotify_add_watch", add_watch)
+    seen: list[Change] = []
+    watcher = Watcher("inotify", 0.2, seen.append)
+    watcher.start()
+    try:
+        wanted = {**folders(tmp_path, 1), broken: broken}
+        watcher.sync(wanted)
+        assert watcher.watched[broken] == "poll"
+        assert broken in watcher.fell_back
+        assert {v for k, v in watcher.watched.items() if k != broken} == {"inotify"}
+        assert any(
+            "inotify_add_watch" in r.getMessage() or "watch" in r.getMessage()
+            for r in caplog.records
+        )
+        time.sleep(0.3)
+        (broken / "epoch_1.pth").write_bytes(b"x")
+        assert wait_for(seen, lambda c: c.root == broken)
+    finally:
+        watcher.stop()
