@@ -36,10 +36,17 @@ def cli(*args: str) -> tuple[int, str, str]:
     """Run ``ckptd`` in-process; (exit code, stdout, stderr)."""
     from ckptd.cli.commands import main
 
+    argv = list(args)
+    # In-process, ``once`` and ``run`` would lower the test process's own nice and I/O class for
+    # the rest of the session (and every child it starts); tests/integration/test_priority.py
+    # checks the priority in child processes.
+    command = next((i for i, a in enumerate(argv) if a in ("once", "run")), None)
+    if command is not None and "--keep-priority" not in argv:
+        argv.insert(command + 1, "--keep-priority")
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = main(list(args))
+            code = main(argv)
         except SystemExit as exc:  # argparse usage errors
             code = int(exc.code or 0)
     return code, out.getvalue(), err.getvalue()

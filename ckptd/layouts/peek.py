@@ -10,6 +10,7 @@ is parsed once, not on every pass.
 from __future__ import annotations
 
 import os
+import stat as statmod
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -96,9 +97,14 @@ def peek(
     ``extract`` must not keep ``Blob`` nodes of a ``stream`` read: the file is closed after.
     """
     try:
-        stat = FileStat.of(os.stat(path, follow_symlinks=False))
+        st = os.stat(path, follow_symlinks=False)
     except OSError:
         return None
+    if not statmod.S_ISREG(st.st_mode):
+        # A folder checkpoint (DeepSpeed, DCP) has no torch file to peek into; its layout reads
+        # the trainer's state from the shard that holds it. Not an I/O error.
+        return None
+    stat = FileStat.of(st)
     key = (str(path), stat, what)
     if key in _CACHE:
         _CACHE.move_to_end(key)
