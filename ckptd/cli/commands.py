@@ -13,6 +13,10 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ckptd.slim.artifact import WrittenArtifact
 
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
 DEFAULT_CONFIGS = (Path("ckptd.yaml"), Path("/etc/ckptd/ckptd.yaml"))
@@ -264,7 +268,6 @@ def _slim_destination(args: argparse.Namespace, suffix: str) -> tuple[Path, str]
 
 
 def cmd_slim(args: argparse.Namespace) -> int:
-    from ckptd.core.units import format_size
     from ckptd.present.progress import byte_progress
     from ckptd.slim.errors import SlimError
     from ckptd.slim.safetensors_writer import write_safetensors
@@ -298,6 +301,13 @@ def cmd_slim(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"ckptd slim: {exc.filename or folder}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERRORS
+    return _report_slim(result, size)
+
+
+def _report_slim(result: WrittenArtifact, size: int) -> int:
+    """The one line both ``ckptd slim`` forms print for what they wrote."""
+    from ckptd.core.units import format_size
+
     print(
         f"{result.path}  {format_size(result.size)} (from {format_size(size)})  "
         f"sha256 {result.sha256}  kept {', '.join(result.kept_keys)}; dropped "
@@ -309,7 +319,6 @@ def cmd_slim(args: argparse.Namespace) -> int:
 def _slim_folder(args: argparse.Namespace) -> int:
     """``ckptd slim FOLDER``: a sharded checkpoint consolidated into one file (the streaming,
     no-code-run replacement for ``dcp_to_torch_save``)."""
-    from ckptd.core.units import format_size
     from ckptd.fs.delete import NotPlainTree, tree_stat
     from ckptd.layouts.lightning import LightningLayout
     from ckptd.layouts.lightning_sharded import META_FILE, folder_complete
@@ -324,7 +333,8 @@ def _slim_folder(args: argparse.Namespace) -> int:
     if fmt is None:
         print(
             f"ckptd slim: {folder}: a folder, but no sharded checkpoint ckptd knows (a torch "
-            "distributed checkpoint has .metadata and __<rank>_<i>.distcp files)",
+            "distributed checkpoint has .metadata and __<rank>_<i>.distcp files; a DeepSpeed "
+            "one *_model_states.pt and *_optim_states.pt)",
             file=sys.stderr,
         )
         return EXIT_ERRORS
@@ -360,12 +370,7 @@ def _slim_folder(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"ckptd slim: {exc.filename or dest}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERRORS
-    print(
-        f"{result.path}  {format_size(result.size)} (from {format_size(size)})  "
-        f"sha256 {result.sha256}  kept {', '.join(result.kept_keys)}; dropped "
-        f"{', '.join(result.dropped_keys) or 'nothing'}  {result.seconds:.2f} s"
-    )
-    return EXIT_OK
+    return _report_slim(result, size)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
