@@ -421,6 +421,17 @@ COMMANDS = {
 }
 
 
+def _collect_garbage_less_often() -> None:
+    """A pass makes many small objects and almost no reference cycles, and a pass over 2,000
+    work_dirs keeps ~200 MB of reports alive: with the default thresholds the cyclic collector
+    rescanned them ~1.5 s of a 7.7 s `ckptd once`. The modules and configuration loaded so far
+    are frozen out of its scans, and it runs every 20,000 allocations instead of 700."""
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -431,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         # Containers start with umask 022; 002 lets the trainers' group remove what ckptd made.
         os.umask(int(umask, 8))
     setup_logging(getattr(args, "log_format", "text"), getattr(args, "verbose", False))
+    _collect_garbage_less_often()
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -41,6 +41,7 @@ from ckptd.fs.delete import delete_checkpoint, remove_stale_temp_dirs
 from ckptd.fs.flush import make_durable
 from ckptd.layouts import LayoutError, choose_layout, no_layout_reason
 from ckptd.layouts.base import Layout
+from ckptd.layouts.memo import PeekMemo, remembering
 
 __all__ = ["ArtifactOutcome", "PassOptions", "Target", "WorkDirReport", "reconcile"]
 
@@ -234,16 +235,18 @@ def _reconcile_locked(
     if note:
         report.notes.append(note)
     now = options.now()
-    observation = observe(
-        target.work_dir,
-        layout,
-        target.project,
-        state,
-        target.artifact_dir,
-        settle=options.settle,
-        now=now,
-        closed=options.closed,
-    )
+    with remembering(PeekMemo(target.work_dir, state.peeked)) as memo:
+        observation = observe(
+            target.work_dir,
+            layout,
+            target.project,
+            state,
+            target.artifact_dir,
+            settle=options.settle,
+            now=now,
+            closed=options.closed,
+        )
+    state.peeked = memo.to_json()
     report.observation = observation
     for problem in observation.blocking:
         report.error(ErrorKind.INPUT, str(problem))

@@ -31,6 +31,7 @@ from ckptd.fs.delete import NotPlainTree, tree_stat
 from ckptd.layouts.base import AutoMetric, Candidate, EvalRead, Layout, SourceState
 from ckptd.layouts.hf_deepspeed import FolderOrShards, consolidated_suffix, deepspeed_complete
 from ckptd.layouts.logtail import Cursor
+from ckptd.layouts.memo import TUPLE_CODEC
 from ckptd.layouts.peek import object_state, peek
 from ckptd.slim.artifact import ArtifactWriter
 from ckptd.slim.folder import FolderCopy
@@ -312,7 +313,8 @@ class HFLayout(Layout):
         if self._source_folder is None:
             return None, None, None
         path = self._source_folder / ARGS
-        return peek(path, "hf-args", _best_args, max_pickle=MAX_ARGS_PICKLE) or (None, None, None)
+        args = peek(path, "hf-args", _best_args, max_pickle=MAX_ARGS_PICKLE, codec=TUPLE_CODEC)
+        return args or (None, None, None)
 
     def trainer_bests(
         self, work_dir: Path, scan: WorkDirScan, records: list[EvalRecord]

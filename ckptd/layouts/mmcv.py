@@ -36,6 +36,7 @@ from ckptd.layouts.base import (
     numeric_metrics,
     tail_json_lines,
 )
+from ckptd.layouts.memo import TUPLE_CODEC
 from ckptd.layouts.mmengine import MMEngineLayout
 from ckptd.layouts.peek import peek, top_mapping
 
@@ -213,7 +214,7 @@ class MMCVLayout(MMEngineLayout):
             found.append((mtime, int(match.group(3)), entry.name))
         bests: list[TrainerBest] = []
         for _, as_of, name in sorted(found):
-            recorded = peek(work_dir / name, "hook_msgs.best", _best_of)
+            recorded = peek(work_dir / name, "hook_msgs.best", _best_of, codec=TUPLE_CODEC)
             best_file = os.path.basename(recorded[0]) if recorded else ""
             match = BEST_FILE.fullmatch(best_file)
             # EvalHook removes its previous best file whenever it saves a new one, so a record

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.core.model import Checkpoint, EvalRecord, TrainerBest
+from ckptd.layouts.memo import Codec
 from ckptd.layouts.peek import object_state, peek, top_mapping
 from ckptd.slim.safepickle import Inert, top_level
 
@@ -146,10 +147,35 @@ def _record_key(suffix: str, key_in_name: str, records: list[EvalRecord]) -> str
     return matches[0] if len(matches) == 1 else None
 
 
+def _hub_to_json(hub: HubRecord | None) -> Any:
+    if hub is None:
+        return None
+    return {"bests": {k: list(v) for k, v in hub.bests.items()}, "raw": hub.raw}
+
+
+def _hub_from_json(data: Any) -> HubRecord | None:
+    if data is None:
+        return None
+    bests = {
+        str(k): (str(name), None if score is None else float(score))
+        for k, (name, score) in data["bests"].items()
+    }
+    raw = {str(k): [float(v) for v in values] for k, values in data["raw"].items()}
+    return HubRecord(bests, raw)
+
+
+HUB_CODEC: Codec[HubRecord | None] = Codec(_hub_to_json, _hub_from_json)
+
+
 def read_hub(work_dir: Path, checkpoint: str) -> HubRecord | None:
     """The hub of one checkpoint, parsed once per file version; None if unreadable."""
     return peek(
-        work_dir / checkpoint, "mmengine-hub", _read_hub, max_pickle=MAX_HUB_PICKLE, stream=True
+        work_dir / checkpoint,
+        "mmengine-hub",
+        _read_hub,
+        max_pickle=MAX_HUB_PICKLE,
+        stream=True,
+        codec=HUB_CODEC,
     )
 
 

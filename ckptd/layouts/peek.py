@@ -4,7 +4,8 @@ Lightning's ``ModelCheckpoint`` monitor/mode live in a checkpoint's ``callbacks`
 Hugging Face Trainer's ``metric_for_best_model`` in ``training_args.bin``; both are pickles. The
 restricted unpickler (``ckptd.slim.safepickle``) turns every object into an inert record, so reading
 them never imports or calls anything from the file. Results are cached by (path, stat): a file
-is parsed once, not on every pass.
+is parsed once, not on every pass; with a ``Codec`` also in the work_dir's state
+(``ckptd.layouts.memo``), so that a restart does not parse it again.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ckptd.core.model import FileStat
+from ckptd.layouts.memo import Codec, active_memo
 from ckptd.slim.errors import SlimError
 from ckptd.slim.legacy import LegacyArchive, is_legacy
 from ckptd.slim.safepickle import (
@@ -91,10 +93,12 @@ def peek(
     *,
     max_pickle: int = MAX_PICKLE_BYTES,
     stream: bool = False,
+    codec: Codec[T | None] | None = None,
 ) -> T | None:
     """``extract(inert root)`` for the file at ``path``, cached by its stat; None if unreadable.
 
     ``extract`` must not keep ``Blob`` nodes of a ``stream`` read: the file is closed after.
+    ``codec``: how the value is kept in the work_dir's memo, when the engine gave one.
     """
     try:
         st = os.stat(path, follow_symlinks=False)
@@ -105,19 +109,29 @@ def peek(
         # the trainer's state from the shard that holds it. Not an I/O error.
         return None
     stat = FileStat.of(st)
+    memo = active_memo() if codec is not None else None
     key = (str(path), stat, what)
     if key in _CACHE:
         _CACHE.move_to_end(key)
-        return _CACHE[key]
+        value = _CACHE[key]
+    else:
+        found, value = memo.recall(path, stat, what, codec) if memo and codec else (False, None)
+        if not found:
+            value = _read(path, extract, max_pickle, stream)
+        _CACHE[key] = value
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    if memo is not None and codec is not None:
+        memo.remember(path, stat, what, codec, value)
+    return value
+
+
+def _read(path: Path, extract: Callable[[Any], T], max_pickle: int, stream: bool) -> T | None:
     try:
-        value = extract(read_inert_root(path, max_pickle=max_pickle, stream=stream))
+        return extract(read_inert_root(path, max_pickle=max_pickle, stream=stream))
     except (OSError, SlimError, PickleRejected, ValueError, TypeError, KeyError) as exc:
         _raise_io_error(exc, path)
-        value = None
-    _CACHE[key] = value
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return value
+        return None
 
 
 def _raise_io_error(exc: BaseException, path: Path) -> None:

@@ -142,6 +142,8 @@ class Daemon:
                     self.notifier.watchdog()
                     next_ping = now + ping_every
                 self._wait(next_ping if ping_every else None)
+                # a burst of finished passes is handled in one tick, not one tick each
+                self._stop.wait(max(0.0, now + self.timings.loop_min_interval - time.monotonic()))
         finally:
             self._shutdown()
         return 0
