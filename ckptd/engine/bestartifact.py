@@ -28,7 +28,7 @@ from ckptd.engine.state import WorkDirState, save_state
 from ckptd.engine.targets import Target
 from ckptd.fs.delete import NotPlainTree, remove_own_folder
 from ckptd.fs.durable import remove_stale_temp_files
-from ckptd.fs.flush import make_folders
+from ckptd.fs.flush import make_durable, make_folders
 from ckptd.fs.names import plain_name
 from ckptd.layouts.base import Layout
 from ckptd.slim.artifact import ArtifactRequest
@@ -181,6 +181,13 @@ def ensure_artifacts(
         try:
             make_folders(folder)  # its name durable before a deletion relies on it
             remove_stale_temp_files(folder)
+            if key in entries:
+                # The manifest will stop naming an artifact that may stand in for a deleted
+                # checkpoint: the evaluation records that make this one the best must be on
+                # disk first, or a power cut keeps the manifest, loses them, and leaves the
+                # surviving records' best with neither checkpoint nor artifact (found by the
+                # power-cut test, seed 5034).
+                make_durable(target.work_dir, observation.sources)
             new, seconds = make_artifact(
                 target, layout, best, checkpoint, options, lambda name: _claim(target, state, name)
             )

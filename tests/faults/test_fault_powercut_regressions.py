@@ -69,3 +69,55 @@ def test_an_orphan_artifact_stays_when_the_cut_took_its_evaluation(
     assert sorted(p.name for p in best.iterdir() if p.name != "manifest.json") == [
         p.name for p in best.glob("best_*epoch_6*.pth")
     ], "once a newer artifact is named by the manifest, the orphan goes"
+
+
+def test_a_manifest_never_outlives_the_evaluation_that_replaced_its_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seed 5034 of the power-cut test (keep_last 1): the best's checkpoint (epoch 4) was
+    deleted, its artifact standing in for it; then a new best (epoch 6) was slimmed and the
+    manifest named it instead, and the cut came before the pass made anything durable for its
+    deletions. A cut that keeps that manifest must keep the evaluation record it was written
+    for: otherwise the surviving records' best (epoch 4) has neither checkpoint nor artifact."""
+    import ckptd.engine.reconcile
+    from ckptd.core.config import load_config
+    from ckptd.engine.reconcile import PassOptions, reconcile
+    from ckptd.engine.targets import discover
+    from tests.faults.powercut import judge_cut
+    from tests.faults.powerfs_fuse import PowerMount, unavailable
+    from tests.faults.test_fault_powercut import CUTS_PER_DELETION
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    recording = record(param_count=2_000)
+    rounds = [i for i, op in enumerate(recording.ops) if op.kind == "round"]
+    problems = []
+    with PowerMount(tmp_path / "mnt", tmp_path / "scratch") as mount:
+        work_dir = mount.mountpoint / "work_dirs" / "run"
+        work_dir.mkdir(parents=True)
+        config = write_config(
+            tmp_path,
+            work_dirs=[str(mount.mountpoint / "work_dirs" / "*")],
+            retention={"keep_last": 1},
+        )
+        (target,) = discover(load_config(config)).targets
+        Replayer(recording, work_dir, epoch_seconds=0, ops=recording.ops[: rounds[4]]).run()
+        mount.sync()  # epochs 1-5 long on disk
+        report = reconcile(target, PassOptions(settle=0))  # best 4: slimmed, then deleted
+        assert "epoch_4.pth" in {d.decision.checkpoint.name for d in report.deletions if d.done}
+        Replayer(
+            recording, work_dir, epoch_seconds=0, ops=recording.ops[rounds[4] : rounds[5]]
+        ).run()
+        with monkeypatch.context() as patch:  # the cut comes before the deletions' fsyncs
+            patch.setattr(ckptd.engine.reconcile, "_made_durable", lambda *args: False)
+            report = reconcile(target, PassOptions(settle=0))
+        assert [a.entry.index for a in report.artifacts if a.entry] == [6], report.artifacts
+        images, unlinked = mount.what_if("reorder", list(range(CUTS_PER_DELETION)))
+        deleted = [n for n in ("epoch_4.pth",) if f"/work_dirs/run/{n}" in unlinked]
+        assert deleted, unlinked
+        for seed, image in enumerate(images):
+            mount.reboot(image)
+            verdict = judge_cut(work_dir, recording, recording.metric, deleted, {}, True)
+            problems += [f"seed {seed}: {p}" for p in verdict.problems]
+    assert not problems, "\n".join(problems)
