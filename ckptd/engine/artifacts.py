@@ -113,10 +113,7 @@ def is_current(
         return False
     if not math.isclose(entry.value, best.value, rel_tol=0, abs_tol=0):
         return False
-    try:
-        if _artifact_bytes(folder / entry.file) != entry.bytes:
-            return False
-    except OSError:
+    if not is_in_place(entry, folder):
         return False
     if checkpoint is None:
         return True
@@ -128,6 +125,14 @@ def is_current(
         # the newer weights.
         return checkpoint.stat.mtime_ns < source.mtime_ns
     return checkpoint.stat == source
+
+
+def is_in_place(entry: ArtifactEntry, folder: Path) -> bool:
+    """Is the artifact ``entry`` names in ``folder``, with the size the manifest records?"""
+    try:
+        return _artifact_bytes(folder / entry.file) == entry.bytes
+    except OSError:
+        return False
 
 
 def _artifact_bytes(path: Path) -> int:

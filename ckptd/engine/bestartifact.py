@@ -8,7 +8,7 @@ import errno
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from ckptd.core.model import Best, Checkpoint
@@ -28,7 +28,7 @@ from ckptd.engine.state import WorkDirState, save_state
 from ckptd.engine.targets import Target
 from ckptd.fs.delete import NotPlainTree, remove_own_folder
 from ckptd.fs.durable import remove_stale_temp_files
-from ckptd.fs.flush import make_folders
+from ckptd.fs.flush import make_durable, make_folders
 from ckptd.fs.names import plain_name
 from ckptd.layouts.base import Layout
 from ckptd.slim.artifact import ArtifactRequest
@@ -181,6 +181,13 @@ def ensure_artifacts(
         try:
             make_folders(folder)  # its name durable before a deletion relies on it
             remove_stale_temp_files(folder)
+            if key in entries:
+                # The manifest will stop naming an artifact that may stand in for a deleted
+                # checkpoint: the evaluation records that make this one the best must be on
+                # disk first, or a power cut keeps the manifest, loses them, and leaves the
+                # surviving records' best with neither checkpoint nor artifact (found by the
+                # power-cut test, seed 5034).
+                make_durable(target.work_dir, observation.sources)
             new, seconds = make_artifact(
                 target, layout, best, checkpoint, options, lambda name: _claim(target, state, name)
             )
@@ -204,11 +211,21 @@ def ensure_artifacts(
                 key, best, folder / new.file, ArtifactStatus.WRITTEN, entry=new, seconds=seconds
             )
         )
-    # Until every best has an artifact in the manifest, a file a crash kept out of it may be
-    # the only complete artifact there is: remove nothing yet.
-    if not dry_run and folder.is_dir() and all(k in entries for k in observation.bests):
+    if not dry_run and folder.is_dir() and _replaced(folder, entries, observation.bests):
         remove_replaced_artifacts(folder, entries, state)
     return ok
+
+
+def _replaced(folder: Path, entries: Mapping[str, ArtifactEntry], bests: Iterable[str]) -> bool:
+    """May the artifacts the manifest does not name go? A file a crash kept out of it may be
+    the only complete artifact there is: only once every best has an artifact in the manifest
+    and one the manifest names is there to take its place. A power cut can take every
+    evaluation record (the trainer never fsyncs its log), and then "every best" holds for
+    none: the claimed orphan was the only copy of the best's weights left (found by the
+    power-cut test, seed 5016)."""
+    if not all(key in entries for key in bests):
+        return False
+    return any(artifacts.is_in_place(e, folder) for e in entries.values() if plain_name(e.file))
 
 
 def _missing_detail(best: Best, previous: ArtifactEntry | None, unit: str | None) -> str:

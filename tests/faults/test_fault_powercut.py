@@ -127,7 +127,8 @@ def _seeded_checker(work_dir: Path, recording: Recording, ops: Any, marks: Path)
     checker = StreamChecker(work_dir, ops, metric=recording.metric, marks=marks)
     checker.view = surviving_view(work_dir, recording).view
     # every artifact file that survived is ckptd's (nothing else writes there), named by the
-    # manifest or not (an orphan of a cut, claimed in state.json): ckptd may remove it
+    # manifest or not (an orphan of a cut, claimed in state.json): ckptd may remove it, but
+    # only once another complete one is there (an orphan can be the only copy of the best)
     if checker.artifact_dir.is_dir():
         for path in checker.artifact_dir.iterdir():
             match = ARTIFACT_INDEX.search(path.name)
