@@ -25,6 +25,8 @@ class Timings:
     # ... or less often, so that this periodic globbing costs at most this share of a core
     # (at 2,000 work_dirs one rediscovery is ~0.2 s of CPU: every ~80 s instead of 10 s)
     rediscover_cpu_share: float = 0.0025
+    # the periodic full resync (watch.resync_interval) is spaced out to cost at most this share
+    resync_cpu_share: float = 0.005
     # the loop wakes at least every second; this long without a tick means it is stuck
     loop_stale_after: float = 30.0
     # ... and at most every 10 ms: each tick scans every work_dir's schedule, and a start-up
@@ -47,6 +49,13 @@ class Timings:
     def rediscover_interval(self, cpu_seconds: float) -> float:
         """Seconds until the next periodic rediscovery, after one that took ``cpu_seconds``."""
         return max(self.rediscover_every, cpu_seconds / self.rediscover_cpu_share)
+
+    def resync_interval(self, configured: float, cpu_seconds: float) -> float:
+        """Seconds until the next full resync, which costs ``cpu_seconds`` (the sum of each
+        work_dir's last quiet pass): ``watch.resync_interval``, or less often where that would
+        cost more than ``resync_cpu_share`` of a core (2,000 work_dirs: 5-8 s of CPU per
+        resync, every 17-27 min instead of 5; the watcher's events still start passes at once)."""
+        return max(configured, cpu_seconds / self.resync_cpu_share)
 
     def backoff(self, failures: int) -> float:
         """Seconds before retrying after ``failures`` failures in a row."""

@@ -119,12 +119,20 @@ class WorkDirReport:
     skipped: str = ""  # ... and what to tell the user about it
     dry_run: bool = False
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # of the thread that ran the pass
     reclaimed_bytes: int = 0  # this pass
     reclaimed_total: int = 0  # since ckptd first managed the work_dir
     publish: PublishOutcome | None = None  # artifact.publish: filled after the pass (ckptd once)
     # The plan was made with no error holding deletions back (a later failure, such as no
     # space for the state file, does not change what may be deleted): disk.min_free may use it.
     deletions_clear: bool = False
+
+    @property
+    def acted(self) -> bool:
+        """Did the pass write an artifact or delete a checkpoint?"""
+        return bool(self.deletions) or any(
+            a.status is ArtifactStatus.WRITTEN for a in self.artifacts
+        )
 
     @property
     def failed(self) -> bool:

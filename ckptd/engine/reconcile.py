@@ -189,7 +189,7 @@ def reconcile(
     target: Target, options: PassOptions, lock: WorkDirLock | None = None
 ) -> WorkDirReport:
     """One pass over one work_dir. Never raises for problems of this work_dir: they are reported."""
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.thread_time()
     dry_run = options.dry_run or target.project.dry_run
     report = WorkDirReport(target=target, dry_run=dry_run)
     own_lock = lock is None
@@ -212,6 +212,7 @@ def reconcile(
         if own_lock:
             lock.release()
         report.seconds = time.monotonic() - started
+        report.cpu_seconds = time.thread_time() - cpu
     return report
 
 

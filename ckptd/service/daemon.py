@@ -176,7 +176,10 @@ class Daemon:
         with self._cond:
             for slot in self.slots.values():
                 self._mark_due(slot, now)
-        self._resync_at = now + self.loaded.config.watch.resync_interval
+        cost = sum(slot.quiet_pass_cpu for slot in self.slots.values())
+        self._resync_at = now + self.timings.resync_interval(
+            self.loaded.config.watch.resync_interval, cost
+        )
 
     def _dispatch(self, now: float) -> None:
         with self._cond:
@@ -222,6 +225,8 @@ class Daemon:
             self._cond.notify_all()
         if report is None:
             return
+        if not report.acted:
+            slot.quiet_pass_cpu = report.cpu_seconds
         if self.metrics:
             self.metrics.record_pass(**metrics_of(report))
         if self.on_report:

@@ -35,6 +35,8 @@ class WorkDirSlot:
     closed: dict[str, FileStat] = field(default_factory=dict)
     # disk.min_free: what the next pass should delete (service/diskwatch.py)
     evict: dict[str, tuple[FileStat, Reason]] = field(default_factory=dict)
+    # CPU seconds of its last pass that wrote and deleted nothing: what a resync costs here
+    quiet_pass_cpu: float = 0.0
 
 
 def folder_stamps(folders: list[Path]) -> tuple[int, ...]:

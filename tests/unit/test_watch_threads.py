@@ -187,3 +187,47 @@ def test_a_failing_inotify_add_watch_falls_back_to_polling_that_folder(
         assert wait_for(seen, lambda c: c.root == broken)
     finally:
         watcher.stop()
+
+
+def test_the_periodic_resync_costs_at_most_its_share_of_a_core(tmp_path: Path) -> None:
+    """The resync is spaced out by what its passes cost: each work_dir's last quiet pass (one
+    that wrote and deleted nothing), measured in the thread that ran it."""
+    import threading
+    import time
+
+    from ckptd.core.config import load_config
+    from ckptd.core.timings import Timings
+    from ckptd.service.daemon import Daemon
+    from tests.helpers import simulate, write_config
+
+    timings = Timings(resync_cpu_share=0.005)
+    assert timings.resync_interval(300.0, 0.1) == 300.0  # a few work_dirs: as configured
+    assert timings.resync_interval(300.0, 8.0) == pytest.approx(1600.0)  # ~2,000 work_dirs
+
+    for name in ("a", "b"):
+        simulate(tmp_path / "work_dirs" / name, epochs=3)
+    write_config(tmp_path, retention={"keep_last": 3})
+    share = 1e-4  # so small that two quiet passes space the resync beyond the configured 300 s
+    daemon = Daemon(load_config(tmp_path / "ckptd.yaml"), timings=Timings(resync_cpu_share=share))
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not daemon.health.first_pass_done:
+            time.sleep(0.05)
+        assert daemon.health.first_pass_done
+        while time.monotonic() < deadline and not all(
+            s.quiet_pass_cpu > 0 for s in daemon.slots.values()
+        ):
+            time.sleep(0.05)  # the first pass slims: the quiet pass is the one after it
+            daemon._resync()
+        costs = [s.quiet_pass_cpu for s in daemon.slots.values()]
+        assert len(costs) == 2 and all(c > 0 for c in costs)
+        before = time.monotonic()
+        daemon._resync()
+        spacing = daemon._resync_at - before
+        assert spacing == pytest.approx(max(300.0, sum(costs) / share), rel=0.05)
+        assert spacing > 300.0
+    finally:
+        daemon.request_stop()
+        runner.join(30)
