@@ -294,7 +294,7 @@ def main() -> int:
     with scratch_dir("ckptd-bench-slim-", need) as root:
         harness_rss = own_rss_mib()
         for key in keys:
-            phases = not (args.quick or args.no_phases)
+            phases = not args.no_phases  # the smoke run too: it keeps slim_phases.py working
             results.append(
                 bench_case(key, CASES[key], root, runs, phases, args.baseline, args.cold)
             )

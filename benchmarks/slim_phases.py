@@ -22,11 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ckptd.fs.durable import pwrite_all
 from ckptd.slim import slimmer as slim_module
-from ckptd.slim.copyhash import copy_range, write_at
+from ckptd.slim.copyhash import copy_range
 from ckptd.slim.crc import CRC32_IMPLEMENTATION, crc32
 from ckptd.slim.source import CheckpointSource
-from ckptd.slim.torchzip import Copy, layout_archive
+from ckptd.slim.torchzip import Copy
 
 BUF = 8 * 1024 * 1024
 
@@ -34,10 +35,7 @@ BUF = 8 * 1024 * 1024
 def _parse(source: Path) -> tuple[CheckpointSource, list[bytes | Copy], int]:
     src = CheckpointSource(source)
     kept = tuple(k for k in src.mapping if k in slim_module.DEFAULT_KEEP_KEYS)
-    plan = slim_module._StoragePlan(src)
-    data_pkl = slim_module._new_pickle(src, kept, plan)
-    records, alignment = slim_module._records(src, data_pkl, plan)
-    pieces, total = layout_archive(src.archive.prefix, records, alignment)
+    pieces, total = slim_module._zip_output(src, kept)
     src.release_tree()
     return src, pieces, total
 
@@ -46,7 +44,7 @@ def _copy(src_fd: int, fd: int, pieces: list[bytes | Copy]) -> None:
     pos = 0
     for piece in pieces:
         if isinstance(piece, bytes):
-            write_at(fd, piece, pos)
+            pwrite_all(fd, piece, pos)
             pos += len(piece)
         else:
             copy_range(src_fd, piece.source_offset, fd, pos, piece.size, lambda done: None)
