@@ -26,6 +26,7 @@ from ckptd.core.model import (
     WorkDirScan,
 )
 from ckptd.core.reads import read_text
+from ckptd.fs.delete import NotPlainTree, tree_stat
 from ckptd.layouts.logtail import Cursor, read_new_lines
 from ckptd.slim.artifact import ArtifactWriter
 from ckptd.slim.safetensors_writer import SUFFIX as SAFETENSORS_SUFFIX
@@ -100,6 +101,23 @@ class Candidate:
 
     def as_checkpoint(self, complete: bool, reason: str = "") -> Checkpoint:
         return Checkpoint(self.name, self.unit, self.index, self.stat, complete, reason)
+
+
+def checkpoint_stat(
+    entry: os.DirEntry[str], name: str, skipped: list[Skipped], *, folder: bool
+) -> FileStat | None:
+    """The stat a checkpoint entry is judged by (a folder's tree stat, a file's own); None when
+    it vanished since the listing, or is a folder ckptd must never delete (said in ``skipped``
+    under ``name``)."""
+    try:
+        if folder:
+            return tree_stat(Path(entry.path))
+        return FileStat.of(entry.stat(follow_symlinks=False))
+    except NotPlainTree as exc:
+        skipped.append(Skipped(name, f"{exc}; ckptd never deletes such a folder"))
+    except FileNotFoundError:
+        pass
+    return None
 
 
 class Layout(ABC):

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ckptd.core.model import Skipped
-from ckptd.fs.delete import NotPlainTree, tree_stat
-from ckptd.layouts.base import Candidate, EvalRead, Layout, SourceState
+from ckptd.layouts.base import Candidate, EvalRead, Layout, SourceState, checkpoint_stat
 from ckptd.slim import deepspeed
 from ckptd.slim.artifact import ArtifactWriter
 from ckptd.slim.errors import SlimError
@@ -54,12 +53,8 @@ class DeepSpeedLayout(Layout):
             if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
                 skipped.append(Skipped(entry.name, "not a real folder; ckptd never deletes it"))
                 continue
-            try:
-                stat = tree_stat(Path(entry.path))
-            except NotPlainTree as exc:
-                skipped.append(Skipped(entry.name, f"{exc}; ckptd never deletes such a folder"))
-                continue
-            except FileNotFoundError:
+            stat = checkpoint_stat(entry, entry.name, skipped, folder=True)
+            if stat is None:
                 continue
             candidates.append(Candidate(entry.name, "step", int(found.group(1)), stat))
         return candidates, skipped

@@ -27,8 +27,14 @@ from ckptd.core.model import (
     TrainerBest,
     WorkDirScan,
 )
-from ckptd.fs.delete import NotPlainTree, tree_stat
-from ckptd.layouts.base import AutoMetric, Candidate, EvalRead, Layout, SourceState
+from ckptd.layouts.base import (
+    AutoMetric,
+    Candidate,
+    EvalRead,
+    Layout,
+    SourceState,
+    checkpoint_stat,
+)
 from ckptd.layouts.hf_deepspeed import FolderOrShards, consolidated_suffix, deepspeed_complete
 from ckptd.layouts.logtail import Cursor
 from ckptd.layouts.memo import TUPLE_CODEC
@@ -200,12 +206,8 @@ class HFLayout(Layout):
                 continue
             if not entry.is_dir(follow_symlinks=False):
                 continue
-            try:
-                stat = tree_stat(Path(entry.path))
-            except NotPlainTree as exc:
-                skipped.append(Skipped(entry.name, f"{exc}; ckptd never deletes such a folder"))
-                continue
-            except FileNotFoundError:
+            stat = checkpoint_stat(entry, entry.name, skipped, folder=True)
+            if stat is None:
                 continue
             candidates.append(Candidate(entry.name, "step", step, stat))
         self._listed = {c.name for c in candidates}

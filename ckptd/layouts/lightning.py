@@ -30,13 +30,13 @@ from ckptd.core.model import (
     TrainerBest,
     WorkDirScan,
 )
-from ckptd.fs.delete import NotPlainTree, tree_stat
 from ckptd.layouts.base import (
     AutoMetric,
     Candidate,
     EvalRead,
     Layout,
     SourceState,
+    checkpoint_stat,
 )
 from ckptd.layouts.lightning_best import lightning_bests
 from ckptd.layouts.lightning_ckpt import CKPT_SUFFIX, step_in_name
@@ -184,16 +184,8 @@ class LightningLayout(Layout):
                 if not folder and not entry.is_file(follow_symlinks=False):
                     skipped.append(Skipped(name, "not a regular file"))
                     continue
-                try:
-                    stat = (
-                        tree_stat(Path(entry.path))
-                        if folder
-                        else FileStat.of(entry.stat(follow_symlinks=False))
-                    )
-                except NotPlainTree as exc:
-                    skipped.append(Skipped(name, f"{exc}; ckptd never deletes such a folder"))
-                    continue
-                except FileNotFoundError:
+                stat = checkpoint_stat(entry, name, skipped, folder=folder)
+                if stat is None:
                     continue
                 step, why = step_in_name(entry.name), ""
                 if step is None:

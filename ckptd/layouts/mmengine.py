@@ -16,13 +16,13 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ckptd.core.model import EvalRecord, FileStat, Problem, Skipped, TrainerBest, WorkDirScan
-from ckptd.fs.delete import NotPlainTree, tree_stat
+from ckptd.core.model import EvalRecord, Problem, Skipped, TrainerBest, WorkDirScan
 from ckptd.layouts.base import (
     Candidate,
     EvalRead,
     Layout,
     SourceState,
+    checkpoint_stat,
     match_pointer,
     numeric_metrics,
     read_pointer_file,
@@ -133,16 +133,9 @@ class MMEngineLayout(Layout):
             if not folder and not entry.is_file(follow_symlinks=False):
                 skipped.append(Skipped(entry.name, "not a regular file"))
                 continue
-            try:  # a FlexibleRunner folder (DeepSpeed, FSDP) is one checkpoint: its tree stat
-                stat = (
-                    tree_stat(Path(entry.path))
-                    if folder
-                    else FileStat.of(entry.stat(follow_symlinks=False))
-                )
-            except NotPlainTree as exc:
-                skipped.append(Skipped(entry.name, f"{exc}; ckptd never deletes such a folder"))
-                continue
-            except FileNotFoundError:
+            # a FlexibleRunner folder (DeepSpeed, FSDP) is one checkpoint: its tree stat
+            stat = checkpoint_stat(entry, entry.name, skipped, folder=folder)
+            if stat is None:
                 continue
             candidates.append(Candidate(entry.name, match.group(1), int(match.group(2)), stat))
         self._listed = (work_dir, candidates)
