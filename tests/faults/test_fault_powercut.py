@@ -24,12 +24,14 @@ replay it; ``CKPTD_POWERCUT_PROGRESS=file`` appends each run's result to ``file`
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
 import random
 import signal
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,6 +335,21 @@ def _sum_counts(counts: Any) -> dict[str, int]:
 CUTS_PER_DELETION = 12
 
 
+@contextlib.contextmanager
+def mounted_run(root: Path) -> Iterator[tuple[PowerMount, Path, Recording, list[int]]]:
+    """A power-cut mount with an empty work_dir, the replayed trainer's recording and the index
+    of each of its rounds; skips where there is no FUSE (for the in-process cut tests)."""
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    recording = record(param_count=2_000)
+    rounds = [i for i, op in enumerate(recording.ops) if op.kind == "round"]
+    with PowerMount(root / "mnt", root / "scratch") as mount:
+        work_dir = mount.mountpoint / "work_dirs" / "run"
+        work_dir.mkdir(parents=True)
+        yield mount, work_dir, recording, rounds
+
+
 @pytest.mark.parametrize("keep_last", [1])
 def test_a_deletion_never_outlives_what_justified_it(tmp_path: Path, keep_last: int) -> None:
     """Old checkpoints, long on disk, are deleted because newer ones arrived (which the trainer
@@ -342,16 +359,9 @@ def test_a_deletion_never_outlives_what_justified_it(tmp_path: Path, keep_last: 
     from ckptd.engine.reconcile import PassOptions, reconcile
     from ckptd.engine.targets import discover
 
-    reason = unavailable()
-    if reason:
-        pytest.skip(reason)
-    recording = record(param_count=2_000)
-    rounds = [i for i, op in enumerate(recording.ops) if op.kind == "round"]
     root = tmp_path
     problems = []
-    with PowerMount(root / "mnt", root / "scratch") as mount:
-        work_dir = mount.mountpoint / "work_dirs" / "run"
-        work_dir.mkdir(parents=True)
+    with mounted_run(root) as (mount, work_dir, recording, rounds):
         config = write_config(
             root,
             work_dirs=[str(mount.mountpoint / "work_dirs" / "*")],
@@ -385,15 +395,8 @@ def test_an_artifact_folder_outside_the_work_dir_survives_the_deletions_it_allow
     from ckptd.engine.reconcile import PassOptions, reconcile
     from ckptd.engine.targets import discover
 
-    reason = unavailable()
-    if reason:
-        pytest.skip(reason)
-    recording = record(param_count=2_000)
-    rounds = [i for i, op in enumerate(recording.ops) if op.kind == "round"]
     problems = []
-    with PowerMount(tmp_path / "mnt", tmp_path / "scratch") as mount:
-        work_dir = mount.mountpoint / "work_dirs" / "run"
-        work_dir.mkdir(parents=True)
+    with mounted_run(tmp_path) as (mount, work_dir, recording, rounds):
         artifact_dir = mount.mountpoint / "models" / "test" / "run"
         config = write_config(
             tmp_path,

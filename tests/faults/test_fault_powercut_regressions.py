@@ -84,18 +84,10 @@ def test_a_manifest_never_outlives_the_evaluation_that_replaced_its_entry(
     from ckptd.engine.reconcile import PassOptions, reconcile
     from ckptd.engine.targets import discover
     from tests.faults.powercut import judge_cut
-    from tests.faults.powerfs_fuse import PowerMount, unavailable
-    from tests.faults.test_fault_powercut import CUTS_PER_DELETION
+    from tests.faults.test_fault_powercut import CUTS_PER_DELETION, mounted_run
 
-    reason = unavailable()
-    if reason:
-        pytest.skip(reason)
-    recording = record(param_count=2_000)
-    rounds = [i for i, op in enumerate(recording.ops) if op.kind == "round"]
     problems = []
-    with PowerMount(tmp_path / "mnt", tmp_path / "scratch") as mount:
-        work_dir = mount.mountpoint / "work_dirs" / "run"
-        work_dir.mkdir(parents=True)
+    with mounted_run(tmp_path) as (mount, work_dir, recording, rounds):
         config = write_config(
             tmp_path,
             work_dirs=[str(mount.mountpoint / "work_dirs" / "*")],
