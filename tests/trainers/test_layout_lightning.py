@@ -239,3 +239,37 @@ def test_detection_and_the_no_match_message(tmp_path: Path) -> None:
     (no_logger / "checkpoints" / "epoch=0-step=5.ckpt").write_bytes(b"x")
     assert detect_layouts(no_logger) == ["lightning"]
     assert isinstance(choose_layout(no_logger, "auto"), LightningLayout)
+
+
+def test_a_clear_detection_is_reused_briefly_an_unclear_one_never(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """choose_layout reuses a single detected layout for Timings.layout_redetect_after (the
+    daemon's start-up detected every work_dir twice within a second); a folder that matched
+    nothing, or several layouts, is detected afresh every time."""
+    import ckptd.layouts as layouts
+
+    calls: list[Path] = []
+    real = layouts.detect_layouts
+
+    def counting(work_dir: Path) -> list[str]:
+        calls.append(work_dir)
+        return real(work_dir)
+
+    monkeypatch.setattr(layouts, "detect_layouts", counting)
+    run = tmp_path / "run"
+    run.mkdir()
+    assert choose_layout(run, "auto") is None
+    assert choose_layout(run, "auto") is None
+    assert len(calls) == 2  # nothing found: not remembered
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "epoch=0-step=5.ckpt").write_bytes(b"x")
+    assert isinstance(choose_layout(run, "auto"), LightningLayout)  # found at once
+    assert isinstance(choose_layout(run, "auto"), LightningLayout)
+    assert len(calls) == 3  # the second came from the memory
+    (run / "last_checkpoint").write_text("epoch_1.pth")  # now MMEngine's too: ambiguous
+    monkeypatch.setattr(layouts.time, "monotonic", lambda: 1e12)  # the memory has expired
+    for _ in range(2):
+        with pytest.raises(layouts.LayoutError, match="several trainers"):
+            choose_layout(run, "auto")
+    assert len(calls) == 5

@@ -61,3 +61,31 @@ def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
     second.acquire()
     assert second.held
     second.release()
+
+
+def test_the_lock_names_its_owner_alone_after_a_longer_one(tmp_path: Path) -> None:
+    """The owner is written over the last one without truncating first: what a longer earlier
+    owner left beyond it must still go, or `holder()` could not read the file."""
+    lock = WorkDirLock(tmp_path)
+    lock.path.parent.mkdir(parents=True, exist_ok=True)
+    lock.path.write_text(json.dumps({"pid": 1, "host": "h" * 300, "since": 0.0}))
+    lock.acquire()
+    try:
+        owner = json.loads(lock.path.read_bytes())
+        assert owner["pid"] == os.getpid() and "h" * 300 not in owner["host"]
+        assert str(os.getpid()) in lock.holder()
+    finally:
+        lock.release()
+
+
+def test_an_unchanged_state_is_not_written_again(tmp_path: Path) -> None:
+    """The digest saved in state.json stands for its content: a state loaded and saved
+    unchanged is not rewritten; any change is."""
+    state, _ = load_state(tmp_path)
+    state.checkpointed = {3}
+    assert save_state(tmp_path, state)
+    again, _ = load_state(tmp_path)
+    again.last_pass = {"time": "later"}  # not part of the content
+    assert not save_state(tmp_path, again)
+    again.checkpointed.add(4)
+    assert save_state(tmp_path, again)
