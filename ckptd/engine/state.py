@@ -60,15 +60,12 @@ class WorkDirState:
     # (two sorted dumps were ~10 % of a warm start-up pass).
     saved_fingerprint: str = field(default="", compare=False, repr=False)
 
-    def _content(self) -> tuple[dict[str, Any], str]:
+    def content(self) -> tuple[dict[str, Any], str]:
         """(to_json() without last_pass, its digest)."""
         data = self.to_json()
         data.pop("last_pass")
         body = json.dumps(data, separators=(",", ":")).encode()
         return data, hashlib.blake2b(body, digest_size=16).hexdigest()
-
-    def fingerprint(self) -> str:
-        return self._content()[1]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -134,7 +131,7 @@ def load_state(work_dir: Path) -> tuple[WorkDirState, str]:
 
 def save_state(work_dir: Path, state: WorkDirState) -> bool:
     """Write the state if it changed since it was loaded; True when it was written."""
-    data, fingerprint = state._content()
+    data, fingerprint = state.content()
     if fingerprint == state.saved_fingerprint:
         return False
     folder = state_dir(work_dir)
