@@ -27,6 +27,9 @@ class Timings:
     rediscover_cpu_share: float = 0.0025
     # the periodic full resync (watch.resync_interval) is spaced out to cost at most this share
     resync_cpu_share: float = 0.005
+    # ... but never rarer than this: the CkptdWorkDirStale alert fires after 30 min without a
+    # good pass of a work_dir, and a quiet one gets passes only from the resync
+    resync_spaced_max: float = 1200.0
     # the loop wakes at least every second; this long without a tick means it is stuck
     loop_stale_after: float = 30.0
     # ... and at most every 10 ms: each tick scans every work_dir's schedule, and a start-up
@@ -53,9 +56,10 @@ class Timings:
     def resync_interval(self, configured: float, cpu_seconds: float) -> float:
         """Seconds until the next full resync, which costs ``cpu_seconds`` (the sum of each
         work_dir's last quiet pass): ``watch.resync_interval``, or less often where that would
-        cost more than ``resync_cpu_share`` of a core (2,000 work_dirs: 5-8 s of CPU per
-        resync, every 17-27 min instead of 5; the watcher's events still start passes at once)."""
-        return max(configured, cpu_seconds / self.resync_cpu_share)
+        cost more than ``resync_cpu_share`` of a core, up to ``resync_spaced_max`` (2,000
+        work_dirs: ~8 s of CPU per resync, every 20 min instead of 5; the watcher's events
+        still start passes at once)."""
+        return max(configured, min(cpu_seconds / self.resync_cpu_share, self.resync_spaced_max))
 
     def backoff(self, failures: int) -> float:
         """Seconds before retrying after ``failures`` failures in a row."""
